@@ -1,0 +1,5 @@
+import sys
+
+from ravfm.cli import main
+
+sys.exit(main())
