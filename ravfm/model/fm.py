@@ -1,0 +1,85 @@
+"""Factorization machine (Rendle 2010): y = w0 + sum_i x_i w_i + sum_{i<j} <v_i, v_j> x_i x_j.
+
+One table "fm" of (N, K+1) rows packed as [w_i, v_i (K)], so a batch does a single gather; the
+global bias w0 is a dense parameter. The pairwise term uses the square-of-sum identity reduced
+over fields, O(F K) per example. Padding (id 0, value 0.0) contributes nothing: its value zeroes
+it in the output and its mask drops it from the L2 term.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from ravfm.batch import PAD_ID, Batch
+from ravfm.errors import UserError
+from ravfm.model.layers import TableFactory, count_params, pairwise, plain_tables
+from ravfm.model.losses import data_loss, row_l2
+
+__all__ = ["FM", "fm_init"]
+
+
+def fm_init(w: Tensor, std: float) -> None:
+    """Fill FM rows (n, K+1) in place: linear weight 0, factors N(0, std^2)."""
+    w[:, 0].zero_()
+    w[:, 1:].normal_(0.0, std)
+
+
+class FM(nn.Module):
+    """Rendle's FM over a table from `make_table` (K factors per row)."""
+
+    def __init__(
+        self,
+        num_rows: int,
+        k: int,
+        *,
+        make_table: TableFactory | None = None,
+        init_std: float = 0.01,
+        l2_linear: float = 0.0,
+        l2_factors: float = 0.0,
+    ) -> None:
+        super().__init__()
+        make_table = make_table or plain_tables()
+        self.k, self.l2_linear, self.l2_factors = k, l2_linear, l2_factors
+        self.table = make_table("fm", num_rows, k + 1, partial(fm_init, std=init_std))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def _output(self, rows: Tensor, values: Tensor) -> Tensor:
+        """rows (B, F, K+1), values (B, F) -> raw (B,)."""
+        x = values.to(rows.dtype)
+        linear = (rows[..., 0] * x).sum(dim=1)
+        return self.bias + linear + pairwise(rows[..., 1:] * x.unsqueeze(-1))
+
+    def forward(self, ids: Tensor, values: Tensor) -> Tensor:
+        """ids (B, F) int64, values (B, F) -> raw output (B,): logits or ratings."""
+        return self._output(self.table(ids), values)
+
+    def loss(self, batch: Batch, task: str) -> tuple[Tensor, Tensor]:
+        """Mean data loss + L2 on the rows used in the batch; returns (loss (), raw (B,))."""
+        rows = self.table(batch.ids)  # (B, F, K+1)
+        raw = self._output(rows, batch.values)
+        loss = data_loss(raw, batch.label, task)
+        if self.l2_linear > 0 or self.l2_factors > 0:
+            mask = (batch.ids != PAD_ID).to(rows.dtype)
+            n = len(batch)
+            loss = (
+                loss
+                + self.l2_linear * row_l2(rows[..., :1], mask, n)
+                + self.l2_factors * row_l2(rows[..., 1:], mask, n)
+            )
+        return loss, raw
+
+    @torch.no_grad()
+    def predict(self, ids: Tensor, values: Tensor, return_std: bool = False) -> Tensor:
+        """Raw outputs (B,) without gradients. FM has no predictive distribution."""
+        if return_std:
+            raise UserError(
+                "predictive std needs model.name=vfm; this model is fm, so score "
+                "it without the standard deviation"
+            )
+        return self.forward(ids, values)
+
+    def num_params(self) -> int:
+        return count_params(self)
