@@ -44,19 +44,21 @@ class Position:
         self.seen = []
 
 
-def lockstep(batches: Iterable[Batch], world: World) -> Iterator[Batch]:
-    """Yield batches while every rank still has one (a MIN all-reduce per step when W > 1)."""
+def lockstep(batches: Iterable[Batch], world: World, empty: Batch) -> Iterator[Batch]:
+    """Yield batches until every rank has run out; a rank that runs out first yields `empty`
+    (B = 0) so it still joins the collectives of the others' steps. One MAX all-reduce per step
+    when W > 1, so no rank leaves a row-sharded forward pass alone."""
     it = iter(batches)
     while True:
         batch = next(it, None)
         if world.size > 1:
             flag = torch.tensor([0.0 if batch is None else 1.0])
-            world.all_reduce_(flag, op="min")
+            world.all_reduce_(flag, op="max")
             if flag.item() == 0.0:
                 return
         elif batch is None:
             return
-        yield batch
+        yield empty if batch is None else batch
 
 
 def lr_factor(step: int, total_steps: int, epoch: int, cfg: OptimConfig) -> float:
@@ -91,7 +93,10 @@ class Trainer:
     """Model, optimizers and world for one rank; `fit_epoch` and `evaluate` are the loop."""
 
     def __init__(self, model: nn.Module, sparse_opt: object, dense_opt: object, world: World, *,
-                 task: str, optim: OptimConfig, bf16: bool = False, total_steps: int = 0) -> None:
+                 task: str, optim: OptimConfig, num_fields: int, bf16: bool = False,
+                 total_steps: int = 0) -> None:
+        self.empty = Batch(torch.zeros(0, num_fields, dtype=torch.int64), torch.zeros(0, num_fields),
+                           torch.zeros(0), torch.zeros(0, dtype=torch.int64))
         self.model, self.sparse_opt, self.dense_opt = model, sparse_opt, dense_opt
         self.world, self.task, self.optim, self.total_steps = world, task, optim, total_steps
         use_bf16 = bf16 and world.device.type == "cuda"
@@ -108,6 +113,8 @@ class Trainer:
             p.grad = None
         with self._autocast():
             loss, raw = self.model.loss(batch, self.task)
+        if len(batch) == 0:  # padding step of a rank that ran out: join collectives, change nothing
+            loss = torch.nan_to_num(loss) * 0.0
         loss.backward()
         all_reduce_dense_grads(self.model, self.world)
         if self.optim.clip_norm > 0 and self._dense:
@@ -125,11 +132,11 @@ class Trainer:
         seconds)` runs after every step and may return True to stop early (same on all ranks)."""
         state = MetricState(self.task)
         start = time.perf_counter()
-        for batch in lockstep(batches, self.world):
+        for batch in lockstep(batches, self.world, self.empty):
             batch = batch.to(self.world.device, non_blocking=True)
             raw = self.step(batch, position)
             state.update(raw.float(), batch.label, self.task)
-            if batch.row is not None:
+            if batch.row is not None and len(batch):
                 position.seen.append(batch.row.cpu().numpy())
             if on_step is not None and on_step(position, state, time.perf_counter() - start):
                 break
@@ -140,7 +147,7 @@ class Trainer:
         """Metrics over `batches` merged across ranks (sums all-reduced, computed once)."""
         self.model.eval()
         state = MetricState(self.task)
-        for batch in lockstep(batches, self.world):
+        for batch in lockstep(batches, self.world, self.empty):
             batch = batch.to(self.world.device, non_blocking=True)
             raw = self.model.predict(batch.ids, batch.values, low=True) if low else \
                 self.model.predict(batch.ids, batch.values)

@@ -1,0 +1,138 @@
+"""The Ray Train worker function: plain PyTorch with the Ray touchpoints numbered.
+
+Ray touchpoints: (1) the world from Ray Train's process group, (2) this rank's dataset shards,
+(3) `ray.train.report` at the end. Everything else is ravfm.train.loop, which runs without Ray.
+Only rank 0 writes logs, metrics and the summary; every rank joins every collective and writes
+its own embedding rows into each checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import torch
+
+from ravfm.batch import from_numpy
+from ravfm.config import RunConfig, from_dict
+from ravfm.dist.optim import build_optimizers
+from ravfm.dist.world import World
+from ravfm.train.checkpoint import latest_checkpoint, load_checkpoint, load_seen, save_checkpoint
+from ravfm.train.loop import Position, Trainer, improved, merged
+from ravfm.train.setup import build_for_training, early_stopping_metric
+from ravfm.train.telemetry import Telemetry
+
+__all__ = ["train_fn", "worker_batches"]
+
+
+def worker_batches(shard: Any, batch_size: int, *, seed: int | None = None,
+                   shuffle_buffer: int = 0, skip: np.ndarray | None = None):
+    """Batches of this rank's dataset shard as Batch tensors, with no per-row Python.
+    Rows whose row number is in `skip` (already trained before a restart) are dropped."""
+    kwargs = {}
+    if shuffle_buffer and seed is not None:
+        kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed}
+    for arrays in shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kwargs):
+        if skip is not None and skip.size and "row" in arrays:
+            keep = ~np.isin(arrays["row"], skip, assume_unique=False)
+            if not keep.all():
+                arrays = {k: v[keep] for k, v in arrays.items()}
+        yield from_numpy(arrays)
+
+
+def train_fn(config: dict) -> None:
+    """Train one rank. config: {"cfg": resolved RunConfig dict, "spec_dir", "run_dir",
+    "resume": checkpoint dir or None, "threads", "n_train"}."""
+    cfg: RunConfig = from_dict(RunConfig, config["cfg"])
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    torch.manual_seed(cfg.seed)
+    world = World.from_env(ray.train.torch.get_device())  # (1) the process group Ray Train made
+    run_dir = Path(config["run_dir"])
+    ckpt_root = run_dir / "checkpoints"
+
+    model, spec = build_for_training(cfg, config["spec_dir"], world, n_train=config["n_train"])
+    sparse_opt, dense_opt = build_optimizers(model, cfg.optim)
+    steps_per_epoch = max(1, config["n_train"] // (cfg.train.batch_size * world.size))
+    trainer = Trainer(model, sparse_opt, dense_opt, world, task=cfg.task, optim=cfg.optim,
+                      num_fields=spec.num_fields, bf16=cfg.train.bf16, total_steps=steps_per_epoch * cfg.train.epochs)
+    position, history, skip = Position(), {}, None
+
+    start_from = latest_checkpoint(ckpt_root) or (config.get("resume") and latest_checkpoint(config["resume"]))
+    if start_from:
+        meta = load_checkpoint(start_from, model=model, sparse_opt=sparse_opt, dense_opt=dense_opt)
+        pos = meta["position"]
+        position = Position(epoch=pos["epoch"], step=pos["step"])
+        history = meta.get("history", {})
+        if pos.get("mid_epoch"):
+            skip = load_seen(start_from)
+            position.seen = [skip]
+            position.epoch_samples = int(skip.size)
+
+    telemetry = Telemetry(run_dir, cfg, world, steps_per_epoch=steps_per_epoch,
+                          resumed_from=str(start_from) if start_from else None)
+    metric = early_stopping_metric(cfg)
+    train_shard = ray.train.get_dataset_shard("train")  # (2) this rank's streamed shards
+    valid_shard = ray.train.get_dataset_shard("valid")
+    test_shard = ray.train.get_dataset_shard("test")
+
+    def checkpoint(mid_epoch: bool) -> None:
+        manifest = {"epoch": position.epoch, "position": {"epoch": position.epoch,
+                    "step": position.step, "mid_epoch": mid_epoch},
+                    "config": config["cfg"], "task": cfg.task, "n_train": config["n_train"],
+                    "model": cfg.model.name, "history": history}
+        save_checkpoint(ckpt_root, position.step, model=model, sparse_opt=sparse_opt,
+                        dense_opt=dense_opt, world=world, manifest=manifest,
+                        spec_dir=config["spec_dir"], seen=position.seen_rows() if mid_epoch else None,
+                        keep=cfg.train.keep_checkpoints)
+
+    def on_step(pos: Position, state: Any, seconds: float) -> bool:
+        telemetry.step(pos, state, seconds)
+        if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
+            checkpoint(mid_epoch=True)
+        return bool(cfg.train.max_steps and pos.step >= cfg.train.max_steps)
+
+    best, bad_epochs = history.get("best"), history.get("bad_epochs", 0)
+    while position.epoch < cfg.train.epochs:
+        t0 = time.perf_counter()
+        batches = worker_batches(train_shard, cfg.train.batch_size, seed=cfg.seed + position.epoch,
+                                 shuffle_buffer=cfg.train.shuffle_buffer, skip=skip)
+        state = trainer.fit_epoch(batches, position, on_step)
+        train_metrics = merged(state, world).compute()
+        seconds = time.perf_counter() - t0
+        valid = trainer.evaluate(worker_batches(valid_shard, cfg.train.eval_batch_size))
+        skip = None
+        history.setdefault("epochs", []).append(
+            {"epoch": position.epoch, "train": train_metrics, "valid": valid, "seconds": seconds,
+             "seen": world_sum(world, len(position.seen_rows()))})
+        telemetry.epoch(position, train_metrics, valid, seconds)
+        value = valid.get(metric)
+        if value is not None and improved(metric, value, best):
+            best, bad_epochs = value, 0
+        else:
+            bad_epochs += 1
+        history.update(best=best, bad_epochs=bad_epochs)
+        stop = bool(cfg.train.max_steps and position.step >= cfg.train.max_steps) or bool(
+            cfg.train.early_stopping_patience and bad_epochs >= cfg.train.early_stopping_patience)
+        position.next_epoch()
+        checkpoint(mid_epoch=False)
+        if stop:
+            break
+
+    test = trainer.evaluate(worker_batches(test_shard, cfg.train.eval_batch_size))
+    extra = {}
+    if cfg.model.name == "rafm":
+        extra["test_low"] = trainer.evaluate(
+            worker_batches(test_shard, cfg.train.eval_batch_size), low=True)
+    summary = telemetry.finish(test, history, extra)
+    ray.train.report({"summary": json.dumps(summary)})  # (3) back to the driver
+
+
+def world_sum(world: World, n: int) -> int:
+    t = torch.tensor([float(n)], dtype=torch.float64)
+    world.all_reduce_(t)
+    return int(t.item())
+
