@@ -224,7 +224,7 @@ def evaluate(checkpoint: str, *, split: str = "test", shards: str | None = None,
     from ravfm.batch import from_numpy
     from ravfm.ingest import hashed_dataset, quiet_data_context
     from ravfm.metrics import MetricState
-    from ravfm.scoring import load_model
+    from ravfm.train.checkpoint import load_model
 
     model, spec, meta = load_model(checkpoint)
     shards = shards or meta["config"]["data"]["shards"] or str(Path("data") / meta["config"]["name"])

@@ -37,6 +37,8 @@ __all__ = [
     "read_manifest",
     "table_modules",
     "dense_state",
+    "load_model",
+    "load_seen",
 ]
 
 FORMAT_VERSION = 1
@@ -185,3 +187,20 @@ def load_seen(path: str | Path) -> np.ndarray:
     ckpt = Path(read_manifest(path)["path"])
     parts = [np.load(f) for f in sorted(ckpt.glob("seen-*.npy"))]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, dict]:
+    """A checkpoint's model in one process for inference: (model in eval mode, spec, manifest).
+    All rows of every rank's file are loaded into local tables."""
+    from ravfm.config import RunConfig, from_dict
+    from ravfm.dist.world import World
+    from ravfm.train.setup import build_for_training
+
+    meta = read_manifest(path)
+    cfg = from_dict(RunConfig, meta["config"])
+    world = World.single(torch.device(device))
+    model, spec = build_for_training(cfg, Path(meta["path"]) / "spec", world,
+                                     n_train=int(meta.get("n_train", 1)), kind="sparse")
+    load_checkpoint(meta["path"], model=model)
+    model.eval()
+    return model, spec, meta
