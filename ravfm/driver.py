@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,10 @@ def train(cfg: RunConfig, *, address: str | None = None, resume: str | None = No
 
     if resume is not None and not Path(resume).exists():
         raise UserError(f"--resume {resume} does not exist; pass runs/NAME/checkpoints or a step-* dir")
+    ckpts = Path(cfg.run_dir) / "checkpoints"
+    if resume is None and any(ckpts.glob("step-*")):
+        raise UserError(f"{cfg.run_dir} already holds checkpoints; pass --resume {ckpts} to continue "
+                        "that run, or choose another name=... (or delete the directory)")
     shards, spec_dir, index = prepare_data(cfg)
     spec = FeatureSpec.load(spec_dir)
     if resume is not None:
@@ -156,7 +161,7 @@ def train(cfg: RunConfig, *, address: str | None = None, resume: str | None = No
         train_fn,
         train_loop_config={"cfg": to_dict(cfg), "spec_dir": str(spec_dir.resolve()),
                            "run_dir": str(run_dir), "resume": resume, "threads": plan["threads"],
-                           "n_train": n_train},
+                           "n_train": n_train, "invocation": uuid.uuid4().hex},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan["num_workers"], use_gpu=plan["use_gpu"],
             resources_per_worker={"CPU": plan["cpus_per_worker"]}),

@@ -85,7 +85,8 @@ class Telemetry:
     def finish(self, test: dict, history: dict, extra: dict) -> dict:
         summary = {"name": self.cfg.name, "model": self.cfg.model.name, "task": self.cfg.task,
                    "world_size": self.world.size, "test": test, **extra,
-                   "epochs": history.get("epochs", []), "best_valid": history.get("best")}
+                   "epochs": history.get("epochs", []), "best_valid": history.get("best"),
+                   "restarts": history.get("restarts", [])}
         if self.active:
             self._event({"event": "test", "test": test, **extra})
             write_json_atomic(self.run_dir / "summary.json", summary)

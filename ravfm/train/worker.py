@@ -9,6 +9,8 @@ its own embedding rows into each checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -69,8 +71,13 @@ def train_fn(config: dict) -> None:
         history = meta.get("history", {})
         if pos.get("mid_epoch"):
             skip = load_seen(start_from)
-            position.seen = [skip]
-            position.epoch_samples = int(skip.size)
+            # The union of all ranks' seen rows: rank 0 carries it on (counted once).
+            position.seen = [skip] if world.rank == 0 else []
+            position.epoch_samples = int(skip.size) if world.rank == 0 else 0
+        if world.rank == 0 and _is_restart(run_dir, config.get("invocation", "")):
+            history.setdefault("restarts", []).append(_restart_record(run_dir, meta, cfg, world))
+    if world.rank == 0:
+        (run_dir / f".started-{config.get('invocation', '')}").touch()
 
     telemetry = Telemetry(run_dir, cfg, world, steps_per_epoch=steps_per_epoch,
                           resumed_from=str(start_from) if start_from else None)
@@ -91,6 +98,7 @@ def train_fn(config: dict) -> None:
 
     def on_step(pos: Position, state: Any, seconds: float) -> bool:
         telemetry.step(pos, state, seconds)
+        _maybe_inject_fault(pos.step, world.rank)
         if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
             checkpoint(mid_epoch=True)
         return bool(cfg.train.max_steps and pos.step >= cfg.train.max_steps)
@@ -129,6 +137,37 @@ def train_fn(config: dict) -> None:
             worker_batches(test_shard, cfg.train.eval_batch_size), low=True)
     summary = telemetry.finish(test, history, extra)
     ray.train.report({"summary": json.dumps(summary)})  # (3) back to the driver
+
+
+def _is_restart(run_dir: Path, invocation: str) -> bool:
+    """True when this driver invocation already started workers once (Ray Train restarted them)."""
+    return (run_dir / f".started-{invocation}").exists()
+
+
+def _restart_record(run_dir: Path, meta: dict, cfg: RunConfig, world: World) -> dict:
+    """After a failure: how many samples may be trained twice (those after the checkpoint)."""
+    last = meta["position"]["step"]
+    try:
+        last = max(last, json.loads((run_dir / "progress.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        pass
+    steps = last - meta["position"]["step"]
+    bound = max(steps, cfg.train.checkpoint_every or 0) * cfg.train.batch_size * world.size
+    return {"from_step": meta["position"]["step"], "last_logged_step": last,
+            "repeated_samples_at_most": bound}
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Fault injection for the kill-a-worker test: RAVFM_FAULT_KILL_STEP=S[:RANK] SIGKILLs that
+    rank's process at step S once (RAVFM_FAULT_MARKER names the file that records it happened)."""
+    spec = os.environ.get("RAVFM_FAULT_KILL_STEP")
+    marker = os.environ.get("RAVFM_FAULT_MARKER")
+    if not spec or not marker:
+        return
+    kill_step, _, kill_rank = spec.partition(":")
+    if step == int(kill_step) and rank == int(kill_rank or 0) and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def world_sum(world: World, n: int) -> int:
