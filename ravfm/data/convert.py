@@ -1,0 +1,369 @@
+"""`ravfm convert`: raw Criteo / Avazu / MovieLens / libSVM files -> Parquet shards + _index.json.
+
+Pipeline: a reader thread opens each source file (decompressing as a stream) and cuts it into
+blocks of whole lines; the main thread parses each block with its format's explicit schema
+(bad lines go to `_rejects/rejects.jsonl` with file, line number, reason and raw text); a writer
+thread routes rows to train/valid/test and appends them to zstd Parquet shards. Peak memory is
+a few blocks plus one row group per split, whatever the input size.
+
+Output is built in a temporary directory beside OUT and renamed into place at the end, so a
+failed or interrupted conversion leaves OUT as it was. Re-converting into an OUT that already
+holds this dataset: if the source fingerprint (URL, size, mtime/etag of every file) and the
+options are unchanged, the conversion is skipped as up to date; otherwise OUT is replaced.
+An OUT holding a different dataset (another format or source URL) or non-ravfm files is an
+error, never overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+import ravfm
+from ravfm.data.formats import FORMATS, LineFormat
+from ravfm.data.index import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    REJECTS_DIR,
+    SPLITS,
+    read_index,
+    write_index,
+)
+from ravfm.data.libsvm import LibSVM
+from ravfm.data.movielens import STANDARD_SPLITS, MovieLens
+from ravfm.data.parse import Parsed
+from ravfm.data.shards import ROW_GROUP_ROWS, RejectLog, ShardSet
+from ravfm.data.sources import (
+    BLOCK_BYTES,
+    fingerprint,
+    iter_blocks,
+    open_members,
+    prefetch,
+    resolve,
+)
+from ravfm.data.split import HASH_RULE, hash_split, split_thresholds
+from ravfm.errors import UserError
+
+__all__ = ["convert", "FORMAT_NAMES"]
+
+FORMAT_NAMES = ("criteo", "avazu", "movielens", "libsvm")
+
+
+def _split_rule(fmt: str, split: str, ratios: tuple[float, ...], seed: int) -> dict[str, Any]:
+    if split == "hash":
+        try:
+            split_thresholds(ratios)
+        except ValueError as e:
+            raise UserError(f"--split-ratios: {e}") from None
+        return {
+            "kind": "hash",
+            "seed": seed,
+            "ratios": [float(r) for r in ratios],
+            "rule": HASH_RULE,
+        }
+    if split in SPLITS:
+        return {"kind": "all", "split": split}
+    if split in STANDARD_SPLITS and fmt == "movielens":
+        return {
+            "kind": "standard",
+            "name": split,
+            "train": f"{split}.base",
+            "test": f"{split}.test",
+        }
+    raise UserError(
+        f"--split {split!r} is not valid for {fmt}; use hash, train, valid or test"
+        + (" (or u1..u5, ua, ub for MovieLens 100K)" if fmt == "movielens" else "")
+    )
+
+
+def _out_state(out: Path, fmt: str, src: str, fp: dict[str, Any], options: dict[str, Any]) -> str:
+    """'new', 'replace' or 'up-to-date' for OUT; UserError when OUT holds something else."""
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a directory path")
+    if not (out / INDEX_NAME).exists():
+        if any(out.iterdir()):
+            raise UserError(
+                f"--out {out} already holds files that are not a ravfm dataset; "
+                "choose an empty or new directory"
+            )
+        return "new"
+    old = read_index(out)
+    if old.get("dataset") != fmt or old.get("source", {}).get("url") != src:
+        raise UserError(
+            f"--out {out} already holds a different dataset ({old.get('dataset')} "
+            f"from {old.get('source', {}).get('url')}); choose another --out or "
+            "delete it"
+        )
+    stamped = all(len(f) > 2 for f in fp["files"])  # url, size and mtime/etag for every file
+    if stamped and old.get("source") == fp and old.get("options") == options:
+        return "up-to-date"
+    return "replace"
+
+
+def _blocks(
+    parts: Iterator[tuple[str, IO[bytes], str | None]],
+) -> Iterator[tuple[str, str | None, bool, bytes]]:
+    for file, stream, fixed in parts:
+        first = True
+        for block in iter_blocks(stream, BLOCK_BYTES):
+            yield file, fixed, first, block
+            first = False
+
+
+def _line_parts(files: list) -> Iterator[tuple[str, IO[bytes], str | None]]:
+    for sf in files:
+        for name, stream in open_members(sf):
+            yield name, stream, None
+
+
+class _Router:
+    """Writer-thread side: assigns each parsed row its split and appends it to the shards."""
+
+    def __init__(self, shards: ShardSet, rule: dict[str, Any]) -> None:
+        self.shards, self.rule = shards, rule
+        self.rows = {s: 0 for s in SPLITS}
+
+    def __call__(self, p: Parsed, row_base: int, fixed: str | None) -> None:
+        split = fixed or (self.rule["split"] if self.rule["kind"] == "all" else None)
+        if split is not None:
+            self.shards.add(split, p.df)
+            self.rows[split] += len(p.df)
+            return
+        codes = hash_split(p.index + row_base, self.rule["seed"], self.rule["ratios"])
+        for k, name in enumerate(SPLITS):
+            mask = codes == k
+            n = int(np.count_nonzero(mask))
+            if n:
+                self.shards.add(name, p.df.filter(mask) if n < len(mask) else p.df)
+                self.rows[name] += n
+
+
+def convert(
+    fmt: str,
+    src: str,
+    out: str | os.PathLike,
+    *,
+    rows_per_shard: int = 1_000_000,
+    split: str = "hash",
+    split_ratios: tuple[float, ...] = (8.0, 1.0, 1.0),
+    seed: int = 0,
+    max_reject_rate: float = 0.001,
+    variant: str = "auto",
+) -> dict[str, Any]:
+    """Convert SRC (path, glob or fsspec URL; maybe compressed) in format FMT into shards in OUT.
+
+    Prints one summary line and returns the summary: rows per split, rejects by reason,
+    seconds, rows/s. See the module docstring for the output contract and re-run rules.
+    """
+    t0 = time.perf_counter()
+    if fmt not in FORMAT_NAMES:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMAT_NAMES)}")
+    if rows_per_shard < 1:
+        raise UserError(f"--rows-per-shard must be positive, got {rows_per_shard}")
+    if not 0 <= max_reject_rate <= 1:
+        raise UserError(f"--max-reject-rate must be in [0, 1], got {max_reject_rate}")
+    if "://" in str(out) and not str(out).startswith("file://"):
+        raise UserError(f"--out {out}: write shards to a local directory, then upload it")
+    out = Path(str(out).removeprefix("file://")).absolute()
+    rule = _split_rule(fmt, split, tuple(split_ratios), seed)
+    files = resolve(src, dirs=fmt == "movielens")
+    if fmt == "movielens":
+        ml = MovieLens(files[0], variant)
+        parser: LineFormat = ml
+        parts = ml.parts(split) if rule["kind"] == "standard" else ml.parts("hash")
+        fp = {
+            "url": src,
+            "files": ml.fingerprint_files() if files[0].size is None else [files[0].fingerprint()],
+        }
+    else:
+        parser = LibSVM() if fmt == "libsvm" else FORMATS[fmt]
+        parts = _line_parts(files)
+        fp = fingerprint(src, files)
+    if all(f.get("size") == 0 for f in fp["files"]):
+        raise UserError(f"{src}: the source is empty; check the path or URL")
+    options = {
+        "variant": variant,
+        "split": rule,
+        "rows_per_shard": rows_per_shard,
+        "max_reject_rate": max_reject_rate,
+    }
+    state = _out_state(out, fmt, src, fp, options)
+    if state == "up-to-date":
+        index = read_index(out)
+        print(
+            f"convert {fmt}: {out} is up to date with {src} (same source fingerprint and "
+            f"options); nothing to do",
+            file=sys.stderr,
+        )
+        return {**_summary(index, 0.0), "skipped": True}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        index = _run(
+            parser,
+            parts,
+            tmp,
+            fmt=fmt,
+            src=src,
+            variant=variant,
+            rule=rule,
+            fp=fp,
+            options=options,
+            rows_per_shard=rows_per_shard,
+            max_reject_rate=max_reject_rate,
+            out=out,
+        )
+        _swap(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = _summary(index, time.perf_counter() - t0)
+    print(_summary_line(fmt, out, summary))
+    return {**summary, "skipped": False}
+
+
+def _run(
+    parser: LineFormat,
+    parts: Iterator,
+    tmp: Path,
+    *,
+    fmt: str,
+    src: str,
+    variant: str,
+    rule: dict[str, Any],
+    fp: dict[str, Any],
+    options: dict[str, Any],
+    rows_per_shard: int,
+    max_reject_rate: float,
+    out: Path,
+) -> dict[str, Any]:
+    rejects = RejectLog(tmp)
+    shards: ShardSet | None = None
+    router: _Router | None = None
+    chosen: str | None = None
+    lines = row_base = 0
+    line_no = 1
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ravfm-write") as pool:
+        try:
+            for file, fixed, first, block in prefetch(lambda: _blocks(parts)):
+                if first:
+                    line_no = 1
+                    v, skip = parser.start(file, block, variant)
+                    if chosen is not None and v != chosen:
+                        raise UserError(
+                            f"{file}: is {fmt} {v} but the earlier files are {chosen}; "
+                            "convert them separately"
+                        )
+                    chosen = v
+                    if shards is None:
+                        shards = ShardSet(tmp, parser.columns(v), rows_per_shard)
+                        router = _Router(shards, rule)
+                    for _ in range(skip):
+                        cut = block.find(b"\n") + 1
+                        block, line_no = block[cut:], line_no + 1
+                    if not block:
+                        continue
+                p = parser.parse(block, file=file, first_line=line_no, variant=chosen)
+                n = block.count(b"\n")
+                rejects.add(p.rejects)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(router, p, row_base, fixed)
+                lines += n
+                row_base += n
+                line_no += n
+            if pending is not None:
+                pending.result()
+        finally:
+            rejects.close()
+    if lines == 0 or shards is None:
+        raise UserError(f"{src}: the source holds no data lines; check the path or URL")
+    shard_list = shards.close()
+    bad = rejects.total
+    if bad > max_reject_rate * lines:
+        keep = Path(f"{out}.rejects")
+        shutil.rmtree(keep, ignore_errors=True)
+        shutil.move(str(tmp / REJECTS_DIR), keep)
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(rejects.counts.items()))
+        raise UserError(
+            f"{src}: {bad} of {lines} lines rejected ({bad / lines:.4%} > "
+            f"--max-reject-rate {max_reject_rate:.4%}; {reasons}); see "
+            f"{keep}/rejects.jsonl, fix the source or raise --max-reject-rate"
+        )
+    columns = parser.columns(chosen)
+    splits = {
+        s: {"rows": router.rows[s], "shards": sum(x["split"] == s for x in shard_list)}
+        for s in SPLITS
+    }
+    index = {
+        "format_version": FORMAT_VERSION,
+        "dataset": fmt,
+        "variant": chosen,
+        "schema": columns,
+        "label": parser.label(chosen),
+        "shards": shard_list,
+        "splits": splits,
+        "split_rule": rule,
+        "rows": sum(s["rows"] for s in splits.values()),
+        "lines": lines,
+        "rejects": dict(sorted(rejects.counts.items())),
+        "rejected": bad,
+        "rejects_file": f"{REJECTS_DIR}/rejects.jsonl" if bad else None,
+        "source": fp,
+        "options": options,
+        "row_group_rows": min(ROW_GROUP_ROWS, rows_per_shard),
+        "compression": "zstd",
+        "ravfm_version": ravfm.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_index(tmp, index)
+    return index
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Put TMP in OUT's place; an old OUT is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _summary(index: dict[str, Any], seconds: float) -> dict[str, Any]:
+    return {
+        "dataset": index["dataset"],
+        "variant": index["variant"],
+        "rows": index["rows"],
+        "lines": index["lines"],
+        "splits": {k: v["rows"] for k, v in index["splits"].items()},
+        "shards": len(index["shards"]),
+        "rejects": index["rejects"],
+        "rejected": index["rejected"],
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(index["lines"] / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def _summary_line(fmt: str, out: Path, s: dict[str, Any]) -> str:
+    splits = " / ".join(f"{k} {v:,}" for k, v in s["splits"].items())
+    rej = ", ".join(f"{k} {v:,}" for k, v in s["rejects"].items()) or "none"
+    return (
+        f"convert {fmt}: {s['rows']:,} rows ({splits}) in {s['shards']} shards -> {out}; "
+        f"rejects {s['rejected']:,} ({rej}); {s['seconds']:.2f} s, "
+        f"{s['rows_per_s'] or 0:,.0f} rows/s"
+    )

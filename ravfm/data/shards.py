@@ -1,0 +1,140 @@
+"""Parquet shard writers (zstd, fixed row-group size) and the reject log.
+
+Each split has one open shard at a time; rows are buffered only up to one row group, so
+memory stays bounded by (row group rows x splits), whatever the input size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ravfm.data.index import REJECTS_DIR
+from ravfm.data.parse import Reject, pl_schema
+
+__all__ = ["ShardSet", "RejectLog", "ROW_GROUP_ROWS", "REJECTS_FILE"]
+
+ROW_GROUP_ROWS = 1 << 17
+REJECTS_FILE = "rejects.jsonl"
+_COMPAT = pl.CompatLevel.newest()  # string_view: zero-copy from Polars
+
+
+class _SplitWriter:
+    def __init__(
+        self, root: Path, split: str, schema: pa.Schema, rows_per_shard: int, row_group_rows: int
+    ) -> None:
+        self.root, self.split, self.schema = root, split, schema
+        self.rows_per_shard, self.rg = rows_per_shard, row_group_rows
+        self.buf: list[pa.Table] = []
+        self.buffered = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.in_shard = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, table: pa.Table) -> None:
+        self.buf.append(table)
+        self.buffered += table.num_rows
+        if self.buffered >= self.rg:
+            t = pa.concat_tables(self.buf)
+            full = t.num_rows // self.rg * self.rg
+            self._write(t.slice(0, full))
+            rest = t.slice(full)
+            self.buf, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def _write(self, t: pa.Table) -> None:
+        """Write T in row groups of self.rg rows, starting a new shard every rows_per_shard."""
+        while t.num_rows:
+            if self.writer is None:
+                name = f"{self.split}-{len(self.shards):05d}.parquet"
+                self.writer = pq.ParquetWriter(
+                    self.root / name, self.schema, compression="zstd", compression_level=1
+                )
+                self.shards.append({"path": name, "split": self.split, "rows": 0})
+                self.in_shard = 0
+            n = min(t.num_rows, self.rg, self.rows_per_shard - self.in_shard)
+            self.writer.write_table(t.slice(0, n), row_group_size=n)
+            t = t.slice(n)
+            self.in_shard += n
+            self.shards[-1]["rows"] += n
+            if self.in_shard >= self.rows_per_shard:
+                self.writer.close()
+                self.writer = None
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.buffered:
+            self._write(pa.concat_tables(self.buf))
+            self.buf, self.buffered = [], 0
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        return self.shards
+
+
+class ShardSet:
+    """The shards of every split under ROOT, named `{split}-{k:05d}.parquet`."""
+
+    def __init__(
+        self,
+        root: Path,
+        columns: dict[str, str],
+        rows_per_shard: int,
+        row_group_rows: int = ROW_GROUP_ROWS,
+    ) -> None:
+        self.root = root
+        self.columns = pl_schema(columns)
+        self.schema = pl.DataFrame(schema=self.columns).to_arrow(compat_level=_COMPAT).schema
+        self.rows_per_shard = rows_per_shard
+        self.row_group_rows = min(row_group_rows, rows_per_shard)
+        self.writers: dict[str, _SplitWriter] = {}
+
+    def add(self, split: str, df: pl.DataFrame) -> None:
+        if not len(df):
+            return
+        w = self.writers.get(split)
+        if w is None:
+            w = self.writers[split] = _SplitWriter(
+                self.root, split, self.schema, self.rows_per_shard, self.row_group_rows
+            )
+        w.add(df.to_arrow(compat_level=_COMPAT).cast(self.schema))
+
+    def close(self) -> list[dict[str, Any]]:
+        shards = []
+        for split in sorted(self.writers, key=lambda s: ("train", "valid", "test").index(s)):
+            shards += self.writers[split].close()
+        return shards
+
+
+class RejectLog:
+    """`_rejects/rejects.jsonl`: one JSON object per rejected line (file, line, reason, raw)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / REJECTS_DIR / REJECTS_FILE
+        self.counts: dict[str, int] = {}
+        self._f = None
+
+    def add(self, rejects: list[Reject]) -> None:
+        if not rejects:
+            return
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = self.path.open("w", encoding="utf-8")
+        for r in rejects:
+            self.counts[r.reason] = self.counts.get(r.reason, 0) + 1
+            raw = r.raw[:65536].decode("utf-8", errors="backslashreplace")
+            self._f.write(
+                json.dumps({"file": r.file, "line": r.line, "reason": r.reason, "raw": raw}) + "\n"
+            )
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
