@@ -1,0 +1,208 @@
+"""transform: a batch of raw rows -> ids (B, F) int64, values (B, F) float32, label (B,) float32.
+
+Pure and vectorised (no Python loop over rows), so it runs inside Ray Data `map_batches`.
+Each field gives `width` id columns, in spec order: a categorical or numeric field one column
+with value 1.0; a multi-valued field (MovieLens genres, libSVM idx) up to `width` (id, value)
+pairs, values 1/n for n items (libSVM: its own val), the rest padding (id 0, value 0.0); items
+past the width are dropped and n counts the kept ones. A null list gives the field's null id.
+hashing.py documents the map from a raw value to a row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ravfm.errors import UserError
+from ravfm.features.hashing import (
+    HASH_FUNCTION,
+    NULL_KEY,
+    criteo_bucket_hashes,
+    mix64,
+    null_hash,
+    quantile_bucket,
+    xxh3_expr,
+)
+from ravfm.features.spec import FeatureSpec, FieldSpec
+
+__all__ = ["transform", "transform_arrow", "check_schema", "field_hashes"]
+
+_STRINGS = ("String", "Utf8", "Categorical", "Enum")
+_INTS = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
+_FLOATS = ("Float32", "Float64")
+
+
+def _dtype_ok(f: FieldSpec, dtype: str) -> bool:
+    if f.kind == "multi":
+        if not dtype.startswith("List("):
+            return False
+        dtype = dtype[5:-1]
+    if f.kind == "numeric":
+        return dtype in _INTS or dtype in _FLOATS
+    return dtype in (_STRINGS if f.hasher == HASH_FUNCTION else _INTS)
+
+
+def _schema_dict(schema: Any) -> dict[str, str]:
+    if isinstance(schema, pa.Schema):
+        schema = pl.from_arrow(schema.empty_table()).schema
+    return {str(k): str(v) for k, v in dict(schema).items()}
+
+
+def check_schema(schema: dict | pa.Schema | pl.Schema, spec: FeatureSpec) -> None:
+    """Raise one-line UserError if a column the spec hashes is missing or has the wrong type."""
+    have = _schema_dict(schema)
+    for f in spec.fields:
+        for col in (f.name, f.value_column):
+            if col is not None and col not in have:
+                raise UserError(f"the data has no column {col!r}, which the feature spec "
+                                f"({spec.dataset}, fields {', '.join(x.name for x in spec.fields)}) "
+                                "needs; use shards of the same dataset or re-run `ravfm stats`")
+        if not _dtype_ok(f, have[f.name]):
+            raise UserError(f"column {f.name!r} is {have[f.name]} but the feature spec hashes it "
+                            f"as {f.dtype} ({f.kind}); use shards converted the same way or "
+                            "re-run `ravfm stats` on these")
+
+
+def _as_polars(batch: Any) -> pl.DataFrame:
+    if isinstance(batch, pl.DataFrame):
+        return batch
+    if isinstance(batch, pa.RecordBatch):
+        batch = pa.Table.from_batches([batch])
+    if isinstance(batch, pa.Table):
+        return pl.from_arrow(batch)
+    if isinstance(batch, dict):  # Ray Data numpy batches: object arrays for strings and lists
+        return pl.DataFrame([pl.Series(k, v, nan_to_null=True) if np.asarray(v).dtype != object
+                             else pl.Series(k, list(v)) for k, v in batch.items()])
+    raise TypeError(f"transform takes a pyarrow.Table, polars.DataFrame or dict, not {type(batch)}")
+
+
+def _int_keys_expr(f: FieldSpec) -> pl.Expr:
+    """int64 integer values (floats floored), null -> NULL_KEY."""
+    e = pl.col(f.name)
+    if f.dtype in _FLOATS:
+        e = e.fill_nan(None).floor().clip(-(2.0**63), 2.0**63 - 1024)
+    return e.cast(pl.Int64).fill_null(NULL_KEY)
+
+
+def _hash_keys(keys: np.ndarray, f: FieldSpec) -> np.ndarray:
+    """uint64 (B,) hashes of an integer field's int64 keys (B,)."""
+    return criteo_bucket_hashes(keys, f.seed) if f.kind == "numeric" else mix64(keys, f.seed)
+
+
+def field_hashes(df: pl.DataFrame, f: FieldSpec) -> np.ndarray:
+    """uint64 (B,) hashes of one scalar (categorical or numeric) field."""
+    if f.hasher == HASH_FUNCTION and f.kind == "categorical":
+        return df.select(xxh3_expr(pl.col(f.name), f.seed)).to_series().to_numpy()
+    if f.kind == "numeric" and f.bucketiser == "quantile":
+        x = df.select(pl.col(f.name).cast(pl.Float64).fill_nan(None)).to_series()
+        keys = quantile_bucket(x.fill_null(0.0).to_numpy(), np.asarray(f.edges, np.float64))
+        keys[x.is_null().to_numpy()] = NULL_KEY
+        return mix64(keys, f.seed)
+    return _hash_keys(df.select(_int_keys_expr(f)).to_series().to_numpy(), f)
+
+
+def _multi(df: pl.DataFrame, f: FieldSpec, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids (B, W) int64 and values (B, W) float32 of one multi-valued field."""
+    w, mask = f.width, np.uint64(f.buckets - 1)
+    arr = df[f.name].to_arrow()
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    lens_a = pc.list_value_length(arr)
+    null_rows = np.asarray(lens_a.is_null())
+    lens = np.asarray(lens_a.fill_null(0), dtype=np.int64)
+    flat = pl.Series("v", pc.list_flatten(arr))
+    if f.hasher == HASH_FUNCTION:
+        h = flat.to_frame().select(xxh3_expr(pl.col("v"), f.seed)).to_series().to_numpy()
+    else:
+        h = mix64(flat.cast(pl.Int64).fill_null(NULL_KEY).to_numpy(), f.seed)
+    rows = np.repeat(np.arange(b), lens)
+    starts = np.cumsum(lens) - lens
+    pos = np.arange(len(h)) - np.repeat(starts, lens)
+    keep = pos < w
+    rows, pos = rows[keep], pos[keep]
+    ids = np.zeros((b, w), np.int64)
+    ids[rows, pos] = (h[keep] & mask).astype(np.int64) + f.offset
+    values = np.zeros((b, w), np.float32)
+    if f.value_column is not None:
+        vcol = df[f.value_column].to_arrow()
+        vals = pc.list_flatten(vcol.combine_chunks() if isinstance(vcol, pa.ChunkedArray) else vcol)
+        if len(vals) != len(h):
+            raise UserError(f"columns {f.name!r} and {f.value_column!r} hold lists of different "
+                            "lengths; re-convert the libSVM data")
+        values[rows, pos] = np.asarray(vals.fill_null(1.0), dtype=np.float32)[keep]
+    else:
+        n = np.minimum(lens, w).astype(np.float32)
+        values[rows, pos] = (1.0 / n)[rows]
+    if null_rows.any():
+        ids[null_rows, 0] = f.offset + (null_hash(f.seed) & (f.buckets - 1))
+        values[null_rows, 0] = 1.0
+    return ids, values
+
+
+def _put(ids: np.ndarray, cols: list[int], h: np.ndarray, fields: list[FieldSpec]) -> None:
+    """ids[:, cols] = offset + (h & (buckets - 1)); h: uint64 (B, len(cols)), changed in place."""
+    h &= np.array([f.buckets - 1 for f in fields], np.uint64)
+    rows = h.view(np.int64)
+    rows += np.array([f.offset for f in fields], np.int64)
+    if cols == list(range(cols[0], cols[0] + len(cols))):
+        ids[:, cols[0]:cols[0] + len(cols)] = rows
+    else:
+        ids[:, cols] = rows
+
+
+def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
+    """Raw batch -> {"ids": (B, F) int64, "values": (B, F) float32, "label": (B,) float32}.
+
+    batch: pyarrow.Table/RecordBatch, polars.DataFrame or dict of numpy arrays. Real ids lie in
+    [1, N); padding is (0, 0.0). Binary labels become 0/1 (libSVM -1 -> 0); a missing label
+    column gives zeros.
+    """
+    df = _as_polars(batch)
+    check_schema(df.schema, spec)
+    b, width = df.height, spec.num_fields
+    starts = np.cumsum([0] + [f.width for f in spec.fields])[:-1]
+    scalar = [(int(c), f) for c, f in zip(starts, spec.fields) if f.kind != "multi"]
+    strings = [(c, f) for c, f in scalar if f.hasher == HASH_FUNCTION and f.kind == "categorical"]
+    ints = [(c, f) for c, f in scalar if f.hasher != HASH_FUNCTION and f.bucketiser != "quantile"]
+    others = [(c, f) for c, f in scalar if f.kind == "numeric" and f.bucketiser == "quantile"]
+    ids = np.empty((b, width), np.int64)
+    if strings:  # one Polars select: the columns hash in parallel
+        out = df.select([xxh3_expr(pl.col(f.name), f.seed).alias(f"_{c}") for c, f in strings])
+        _put(ids, [c for c, _ in strings], out.to_numpy(), [f for _, f in strings])
+    if ints:
+        keys = df.select([_int_keys_expr(f).alias(f"_{c}") for c, f in ints]).to_numpy()
+        for j, (c, f) in enumerate(ints):
+            _put(ids, [c], _hash_keys(keys[:, j], f)[:, None], [f])
+    for c, f in others:
+        _put(ids, [c], field_hashes(df, f)[:, None], [f])
+    values = np.ones((b, width), np.float32)
+    for c, f in zip(starts, spec.fields):
+        if f.kind == "multi":
+            ids[:, c:c + f.width], values[:, c:c + f.width] = _multi(df, f, b)
+    if spec.kept_mask is not None:
+        keep = spec.kept_mask[ids]
+        if not keep.all():
+            oov = np.array([f.oov_row for f in spec.fields for _ in range(f.width)], np.int64)
+            ids = np.where(keep, ids, oov)
+    return {"ids": ids, "values": values, "label": _label(df, spec)}
+
+
+def _label(df: pl.DataFrame, spec: FeatureSpec) -> np.ndarray:
+    """(B,) float32: binary 1.0 where label > 0 (0/1 and -1/+1 alike); regression as given."""
+    if spec.label is None or spec.label not in df.columns:
+        return np.zeros(df.height, np.float32)
+    e = pl.col(spec.label).cast(pl.Float32)
+    e = (e > 0).cast(pl.Float32) if spec.task == "binary" else e
+    return df.select(e.fill_null(0.0)).to_series().to_numpy().astype(np.float32, copy=False)
+
+
+def transform_arrow(table: pa.Table, spec: FeatureSpec) -> pa.Table:
+    """Like `transform`, as an Arrow table: ids and values fixed-size lists of F, label float32."""
+    out = transform(table, spec)
+    f = spec.num_fields
+    ids = pa.FixedSizeListArray.from_arrays(pa.array(out["ids"].reshape(-1)), f)
+    vals = pa.FixedSizeListArray.from_arrays(pa.array(out["values"].reshape(-1)), f)
+    return pa.table({"ids": ids, "values": vals, "label": out["label"]})
