@@ -224,7 +224,8 @@ class MovieLens:
                 ("u.", "u1", "u2", "u3", "u4", "u5", "ua", "ub", "ratings", "users", "movies")
             ):
                 info = self._fs.info(self.files[name])
-                out.append({"url": f"{self._url}/{name}", "size": info.get("size")})
+                stamp = {k: info[k] for k in ("mtime",) if info.get(k) is not None}
+                out.append({"url": f"{self._url}/{name}", "size": info.get("size"), **stamp})
         return out
 
     def start(self, file: str, head: bytes, variant: str) -> tuple[str, int]:
