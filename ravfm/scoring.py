@@ -1,0 +1,293 @@
+"""`ravfm score`: batch predictions for any Parquet dataset (or raw file) with a checkpoint.
+
+Ray Data reads the input, a pool of actors (GPU actors when the cluster has GPUs) each load the
+checkpoint once, hash every batch with the checkpoint's own feature spec and run the model, and
+Parquet files come out with the kept columns, `prediction` (click probability for binary tasks,
+the rating for regression) and, for VFM, `prediction_std`. Every input row gives exactly one
+output row, in input order (the dataset runs with preserve_order).
+
+FM checkpoints score through a fused path (two embedding bags, no (B, F, K) tensor) that equals
+FM.predict; its slow twin is the model's own forward in tests/test_scoring.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F  # noqa: N812 (the torch idiom)
+from torch import Tensor
+
+from ravfm.errors import UserError
+
+__all__ = ["score", "Scorer", "FusedFM", "resolve_input", "PREDICTION", "PREDICTION_STD"]
+
+PREDICTION = "prediction"
+PREDICTION_STD = "prediction_std"
+
+
+class FusedFM:
+    """FM inference as embedding bags (Rendle 2010, eq. 5 in its O(F K) form).
+
+    With rows [w_i, v_i] and x the values: sum_i x_i [w_i, v_i] is one weighted bag (B, K+1),
+    and sum_i x_i^2 |v_i|^2 another over the precomputed row norms (N, 1), so
+    y = w0 + sum_i x_i w_i + (|sum_i x_i v_i|^2 - sum_i x_i^2 |v_i|^2) / 2.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        self.weight = weight.contiguous()  # (N, K+1)
+        self.sq = weight[:, 1:].pow(2).sum(1, keepdim=True).contiguous()  # (N, 1)
+        self.bias = bias.reshape(())
+
+    @classmethod
+    def from_model(cls, model: Any) -> FusedFM | None:
+        """A FusedFM holding the model's rows, or None when `model` is not a plain FM."""
+        from ravfm.model.fm import FM
+
+        if type(model) is not FM:
+            return None
+        ids, rows = model.table.export_rows()
+        weight = torch.zeros(
+            model.table.num_rows, rows.shape[1], dtype=torch.float32, device=rows.device
+        )
+        weight.index_copy_(0, ids.to(rows.device), rows.float())
+        return cls(weight, model.bias.detach().float())
+
+    @torch.no_grad()
+    def __call__(self, ids: Tensor, values: Tensor) -> Tensor:
+        """ids (B, F) int64, values (B, F) float32 -> raw (B,)."""
+        x = values.to(self.weight.dtype)
+        s = F.embedding_bag(ids, self.weight, per_sample_weights=x, mode="sum")  # (B, K+1)
+        q = F.embedding_bag(ids, self.sq, per_sample_weights=x * x, mode="sum")  # (B, 1)
+        v = s[:, 1:]
+        return self.bias + s[:, 0] + 0.5 * (v.pow(2).sum(1) - q[:, 0])
+
+
+class Scorer:
+    """One actor's model: Arrow batch (B rows) -> Arrow table (B rows) of kept columns and
+    predictions. Loads the checkpoint once, in the constructor."""
+
+    def __init__(self, checkpoint: str, keep: tuple[str, ...] = (), device: str = "cpu") -> None:
+        from ravfm.train.checkpoint import load_model
+
+        self.model, self.spec, meta = load_model(checkpoint, device=device)
+        self.device, self.keep = torch.device(device), tuple(keep)
+        self.task = meta["task"]
+        self.vfm = meta["config"]["model"]["name"] == "vfm"
+        self.fused = FusedFM.from_model(self.model)
+
+    @torch.no_grad()
+    def predict(self, ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """ids (B, F), values (B, F) -> (prediction (B,), std (B,) for VFM else None)."""
+        ids, values = ids.to(self.device), values.to(self.device)
+        std = None
+        if self.vfm:
+            raw, std = self.model.predict(ids, values, return_std=True)
+        elif self.fused is not None:
+            raw = self.fused(ids, values)
+        else:
+            raw = self.model.predict(ids, values)
+        if self.task == "binary":
+            raw = torch.sigmoid(raw)
+            if std is not None:  # delta method: the std of sigmoid(z) ~ p (1 - p) std(z)
+                std = raw * (1 - raw) * std
+        return raw.float().cpu(), None if std is None else std.float().cpu()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        from ravfm.features.transform import transform
+
+        out = transform(table, self.spec)
+        pred, std = self.predict(torch.from_numpy(out["ids"]), torch.from_numpy(out["values"]))
+        cols = {c: table.column(c) for c in self.keep}
+        cols[PREDICTION] = pa.array(pred.numpy())
+        if std is not None:
+            cols[PREDICTION_STD] = pa.array(std.numpy())
+        return pa.table(cols)
+
+
+def _fs(path: str) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
+def _join(fs: Any, base: str, name: str, like: str) -> str:
+    p = base.rstrip("/") + "/" + name
+    return p if "://" not in like else fs.unstrip_protocol(p)
+
+
+def resolve_input(src: str, dataset: str, tmp_root: Path) -> tuple[list[str], bool]:
+    """Parquet paths to score, in order, and whether they were converted into `tmp_root`.
+
+    src: a shard directory with _index.json (all its shards, index order), a Parquet file, a
+    directory of Parquet files (sorted by name), or a raw file of the checkpoint's dataset
+    format, which is converted first (one split, input order kept).
+    """
+    from ravfm.data.index import INDEX_NAME, read_index
+
+    fs, p = _fs(src)
+    if fs.isdir(p) and fs.exists(p.rstrip("/") + "/" + INDEX_NAME):
+        index = read_index(src)
+        if index.get("dataset") != dataset:
+            raise UserError(
+                f"feature spec mismatch: dataset {index.get('dataset')} != {dataset}; "
+                f"{src} holds {index.get('dataset')} shards but the checkpoint "
+                f"was trained on {dataset}"
+            )
+        return [_join(fs, p, s["path"], src) for s in index["shards"]], False
+    if fs.isdir(p) and dataset != "movielens":
+        files = sorted(f for f in fs.find(p) if f.endswith(".parquet"))
+        if not files:
+            raise UserError(
+                f"--input {src} is a directory without .parquet files or _index.json; "
+                "pass Parquet data, shards from `ravfm convert`, or a raw file"
+            )
+        return [f if "://" not in src else fs.unstrip_protocol(f) for f in files], False
+    if p.endswith(".parquet"):
+        if not fs.exists(p):
+            raise UserError(f"--input {src} does not exist; pass a Parquet file or directory")
+        return [src], False
+    from ravfm.data.convert import convert
+    from ravfm.data.index import split_paths
+
+    out = tmp_root / "input"
+    print(f"ravfm score: {src} is not Parquet: converting it as {dataset} first", file=sys.stderr)
+    convert(dataset, src, str(out), split="test")
+    return split_paths(out, "test"), True
+
+
+def _schema(path: str) -> pa.Schema:
+    fs, p = _fs(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_schema(f)
+
+
+def _num_rows(paths: list[str]) -> int:
+    total = 0
+    for path in paths:
+        fs, p = _fs(path)
+        with fs.open(p, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def _check_output(output: str) -> None:
+    fs, p = _fs(output)
+    if fs.exists(p) and (not fs.isdir(p) or fs.ls(p)):
+        raise UserError(
+            f"--output {output} already exists and is not empty; pass a new "
+            "directory (scoring never overwrites)"
+        )
+
+
+def _pool(num_actors: int) -> tuple[int, float, float]:
+    """(actors, CPUs per actor, GPUs per actor) sized from the cluster unless given."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
+    if gpus:
+        return num_actors or gpus, 1.0, 1.0
+    # Actors hash and run the model; Parquet reads and writes take the rest of the CPUs.
+    n = num_actors or max(1, int(cpus))
+    return n, max(0.25, min(1.0, cpus * 0.75 / n)), 0.0
+
+
+def score(
+    checkpoint: str,
+    input: str,
+    output: str,
+    *,
+    keep: list[str],
+    address: str | None = None,
+    batch_size: int = 65536,
+    num_actors: int = 0,
+) -> dict:
+    """Score `input` with `checkpoint` into Parquet files under `output`; returns a summary
+    {rows, seconds, rows_per_s, output, columns}."""
+    import ray
+
+    from ravfm.driver import init_ray
+    from ravfm.features.spec import FeatureSpec
+    from ravfm.features.transform import check_schema
+    from ravfm.ingest import quiet_data_context
+    from ravfm.train.checkpoint import read_manifest
+
+    t0 = time.perf_counter()
+    if batch_size < 1 or num_actors < 0:
+        raise UserError(
+            "--batch-size must be >= 1 and --num-actors >= 0 (0 = sized from the cluster)"
+        )
+    meta = read_manifest(checkpoint)
+    spec = FeatureSpec.load(Path(meta["path"]) / "spec")
+    _check_output(output)
+    tmp_root = Path(tempfile.mkdtemp(prefix="ravfm-score-"))
+    try:
+        paths, _ = resolve_input(input, spec.dataset, tmp_root)
+        if not paths:
+            raise UserError(f"--input {input} holds no rows to score")
+        schema = _schema(paths[0])
+        check_schema(schema, spec)
+        missing = [c for c in keep if c not in schema.names]
+        if missing:
+            raise UserError(
+                f"--keep names {missing[0]!r}, which {input} does not have; choose "
+                f"from {', '.join(schema.names)}"
+            )
+        n_in = _num_rows(paths)
+        init_ray(address)
+        quiet_data_context()
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        actors, cpus, gpus = _pool(num_actors)
+        ds = ray.data.read_parquet(paths).map_batches(
+            Scorer,
+            fn_constructor_kwargs={
+                "checkpoint": meta["path"],
+                "keep": tuple(keep),
+                "device": "cuda" if gpus else "cpu",
+            },
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            zero_copy_batch=True,
+            concurrency=actors,
+            num_cpus=cpus,
+            num_gpus=gpus,
+        )
+        ds.write_parquet(output)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    n_out = _num_rows(sorted(_output_files(output)))
+    if n_out != n_in:
+        raise RuntimeError(f"scored {n_out} rows from {n_in} input rows")  # a bug, not the user's
+    seconds = time.perf_counter() - t0
+    columns = [*keep, PREDICTION] + (
+        [PREDICTION_STD] if meta["config"]["model"]["name"] == "vfm" else []
+    )
+    summary = {
+        "rows": n_in,
+        "seconds": round(seconds, 3),
+        "rows_per_s": n_in / max(seconds, 1e-9),
+        "output": output,
+        "columns": columns,
+        "actors": actors,
+    }
+    print(
+        f"ravfm score: {n_in:,} rows -> {output} ({', '.join(columns)}) in {seconds:.1f} s, "
+        f"{summary['rows_per_s']:,.0f} rows/s with {actors} actor(s)",
+        file=sys.stderr,
+    )
+    return summary
+
+
+def _output_files(output: str) -> list[str]:
+    fs, p = _fs(output)
+    files = [f for f in fs.find(p) if f.endswith(".parquet")]
+    return [f if "://" not in output else fs.unstrip_protocol(f) for f in files]
