@@ -29,7 +29,7 @@ from ravfm.features.hashing import (
 )
 from ravfm.features.spec import FeatureSpec, FieldSpec
 
-__all__ = ["transform", "transform_arrow", "check_schema", "field_hashes"]
+__all__ = ["transform", "transform_arrow", "check_schema", "field_hashes", "field_ids", "multi_items"]
 
 _STRINGS = ("String", "Utf8", "Categorical", "Enum")
 _INTS = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
@@ -105,41 +105,61 @@ def field_hashes(df: pl.DataFrame, f: FieldSpec) -> np.ndarray:
     return _hash_keys(df.select(_int_keys_expr(f)).to_series().to_numpy(), f)
 
 
-def _multi(df: pl.DataFrame, f: FieldSpec, b: int) -> tuple[np.ndarray, np.ndarray]:
-    """ids (B, W) int64 and values (B, W) float32 of one multi-valued field."""
-    w, mask = f.width, np.uint64(f.buckets - 1)
+def multi_items(df: pl.DataFrame, f: FieldSpec) -> tuple[np.ndarray, ...]:
+    """Every item of a multi-valued field, flat: (row, pos, id, value), each (M,).
+
+    row: batch row of the item; pos: its place in the row's list; id: its table row; value:
+    1/n for n items in the row (or the libSVM val, unscaled). A null list is one null item.
+    """
     arr = df[f.name].to_arrow()
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     lens_a = pc.list_value_length(arr)
-    null_rows = np.asarray(lens_a.is_null())
+    null_rows = np.flatnonzero(np.asarray(lens_a.is_null()))
     lens = np.asarray(lens_a.fill_null(0), dtype=np.int64)
     flat = pl.Series("v", pc.list_flatten(arr))
     if f.hasher == HASH_FUNCTION:
         h = flat.to_frame().select(xxh3_expr(pl.col("v"), f.seed)).to_series().to_numpy()
     else:
         h = mix64(flat.cast(pl.Int64).fill_null(NULL_KEY).to_numpy(), f.seed)
-    rows = np.repeat(np.arange(b), lens)
-    starts = np.cumsum(lens) - lens
-    pos = np.arange(len(h)) - np.repeat(starts, lens)
-    keep = pos < w
-    rows, pos = rows[keep], pos[keep]
-    ids = np.zeros((b, w), np.int64)
-    ids[rows, pos] = (h[keep] & mask).astype(np.int64) + f.offset
-    values = np.zeros((b, w), np.float32)
+    rows = np.repeat(np.arange(df.height), lens)
+    pos = np.arange(len(h)) - np.repeat(np.cumsum(lens) - lens, lens)
     if f.value_column is not None:
         vcol = df[f.value_column].to_arrow()
-        vals = pc.list_flatten(vcol.combine_chunks() if isinstance(vcol, pa.ChunkedArray) else vcol)
+        vcol = vcol.combine_chunks() if isinstance(vcol, pa.ChunkedArray) else vcol
+        vals = np.asarray(pc.list_flatten(vcol).fill_null(1.0), dtype=np.float32)
         if len(vals) != len(h):
             raise UserError(f"columns {f.name!r} and {f.value_column!r} hold lists of different "
                             "lengths; re-convert the libSVM data")
-        values[rows, pos] = np.asarray(vals.fill_null(1.0), dtype=np.float32)[keep]
     else:
-        n = np.minimum(lens, w).astype(np.float32)
-        values[rows, pos] = (1.0 / n)[rows]
-    if null_rows.any():
-        ids[null_rows, 0] = f.offset + (null_hash(f.seed) & (f.buckets - 1))
-        values[null_rows, 0] = 1.0
+        vals = (1.0 / np.maximum(lens, 1)).astype(np.float32)[rows]
+    if len(null_rows):
+        rows = np.concatenate([rows, null_rows])
+        pos = np.concatenate([pos, np.zeros(len(null_rows), np.int64)])
+        h = np.concatenate([h, np.full(len(null_rows), null_hash(f.seed), np.uint64)])
+        vals = np.concatenate([vals, np.ones(len(null_rows), np.float32)])
+    ids = (h & np.uint64(f.buckets - 1)).astype(np.int64) + f.offset
+    return rows, pos, ids, vals
+
+
+def _multi(df: pl.DataFrame, f: FieldSpec, b: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids (B, W) int64 and values (B, W) float32 of one multi-valued field, padded with 0."""
+    rows, pos, item_ids, vals = multi_items(df, f)
+    keep = pos < f.width
+    rows, pos = rows[keep], pos[keep]
+    ids = np.zeros((b, f.width), np.int64)
+    ids[rows, pos] = item_ids[keep]
+    values = np.zeros((b, f.width), np.float32)
+    if f.value_column is not None:
+        values[rows, pos] = vals[keep]
+    else:  # 1/n over the kept items
+        n = np.bincount(rows, minlength=b).astype(np.float32)
+        values[rows, pos] = 1.0 / n[rows]
     return ids, values
+
+
+def field_ids(df: pl.DataFrame, f: FieldSpec) -> np.ndarray:
+    """int64 (B,) table rows of one scalar field, before min-count folding."""
+    return (field_hashes(df, f) & np.uint64(f.buckets - 1)).astype(np.int64) + f.offset
 
 
 def _put(ids: np.ndarray, cols: list[int], h: np.ndarray, fields: list[FieldSpec]) -> None:
