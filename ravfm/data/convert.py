@@ -278,7 +278,7 @@ def _run(
                         continue
                 p = parser.parse(block, file=file, first_line=line_no, variant=chosen)
                 n = block.count(b"\n")
-                rejects.add(p.rejects)
+                rejects.add(sorted(p.rejects, key=lambda r: r.line))
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(router, p, row_base, fixed)
