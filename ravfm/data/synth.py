@@ -10,8 +10,8 @@ movielens  OUT is a directory laid out like ml-100k (u.data, u.user, u.item, u.g
 Beside the data the generator writes each row's true click probability (or true mean
 rating) as float32, in data-line order: `OUT.oracle.npy` for files, `OUT/oracle.npy` for the
 movielens directory; `read_oracle(OUT)` loads it (memory-mapped). Output depends only on
-(dataset, seed) and the row position: chunk c of 2^18 rows draws from its own seeded stream,
-so the first N rows of a larger run equal an N-row run. Memory is bounded by one chunk.
+(dataset, rows, seed): chunk c of 2^18 rows draws from its own stream seeded by (seed, c), and
+chunk c + 1 is generated while chunk c is written, so memory is bounded by two chunks.
 """
 
 from __future__ import annotations
