@@ -97,18 +97,28 @@ def _criteo_key_scalar(x: int) -> int:  # the definition (libffm Criteo scripts)
 
 @functools.lru_cache(maxsize=1)
 def _criteo_thresholds() -> np.ndarray:
-    """T[k] = smallest integer x > 2 with floor(ln(x)^2) >= k, for k = 1 .. K (int64 (K,))."""
-    out = []
-    k = 1
+    """T[k-1] = smallest integer x > 2 with floor(ln(x)^2) >= k, k = 1 .. K (int64 (K,)).
+
+    Found by bisection on the scalar definition (monotone in x), so the vectorised rule equals
+    int(math.log(x) ** 2) exactly, whatever float rounding near the boundaries does.
+    """
+    out, k = [], 1
     while True:
-        t = max(3, math.ceil(math.exp(math.sqrt(k))))
-        if t >= 2**63 - 1:
+        guess = math.exp(math.sqrt(k))
+        if guess >= 2**63 - 1:
             break
-        while t > 3 and _criteo_key_scalar(t - 1) >= k:
-            t -= 1
-        while _criteo_key_scalar(t) < k:
-            t += 1
-        out.append(t)
+        lo = max(2, int(guess * (1 - 1e-9)) - 2)  # key(lo) < k (or lo == 2, below the rule)
+        hi = int(guess * (1 + 1e-9)) + 2  # key(hi) >= k
+        while _criteo_key_scalar(hi) < k:
+            hi *= 2
+        while lo > 2 and _criteo_key_scalar(lo) >= k:
+            lo //= 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if _criteo_key_scalar(mid) >= k else (mid, hi)
+        if hi >= 2**63 - 1:
+            break
+        out.append(hi)
         k += 1
     return np.array(out, dtype=np.int64)
 
