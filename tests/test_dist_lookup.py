@@ -1,0 +1,69 @@
+"""Deduplicated lookup (ravfm.dist.lookup) against literal loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ravfm.dist.lookup import coalesce, dedupe, expand
+
+
+def _ids(n: int = 500, hi: int = 60, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, hi, (n,), generator=g)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_dedupe_gives_sorted_unique_ids_inverse_and_segments(big):
+    ids = _ids() + (2**40 if big else 0)  # int64 keys beyond int32 take the other path
+    d = dedupe(ids)
+    expected = sorted(set(ids.tolist()))
+    assert d.uniq.tolist() == expected
+    assert torch.equal(d.uniq[d.inv], ids)
+    counts = {v: ids.tolist().count(v) for v in expected}
+    assert d.counts.tolist() == [counts[v] for v in expected]
+    for u, v in enumerate(expected):  # perm[crow[u]:crow[u+1]] are exactly the positions of v
+        pos = sorted(d.perm[d.crow[u] : d.crow[u + 1]].tolist())
+        assert pos == [i for i, x in enumerate(ids.tolist()) if x == v]
+
+
+def test_dedupe_of_nothing():
+    d = dedupe(torch.zeros(0, dtype=torch.int64))
+    assert d.uniq.numel() == 0 and d.inv.numel() == 0 and d.crow.tolist() == [0]
+    assert d.sum_rows(torch.zeros(0, 3)).shape == (0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sum_rows_matches_a_loop(dtype):
+    ids = _ids(300, 40)
+    values = torch.randn(300, 5, dtype=dtype)
+    d = dedupe(ids)
+    out = d.sum_rows(values)
+    for u, v in enumerate(d.uniq.tolist()):
+        ref = sum(values[i] for i in range(300) if ids[i] == v)
+        torch.testing.assert_close(
+            out[u],
+            ref,
+            rtol=1e-6 if dtype == torch.float32 else 1e-12,
+            atol=1e-6 if dtype == torch.float32 else 1e-12,
+        )
+
+
+def test_coalesce_sums_duplicate_ids():
+    ids = torch.tensor([5, 2, 5, 9, 2, 5])
+    vals = torch.arange(12, dtype=torch.float64).view(6, 2)
+    uniq, summed = coalesce(ids, vals)
+    assert uniq.tolist() == [2, 5, 9]
+    assert summed.tolist() == [[2 + 8, 3 + 9], [0 + 4 + 10, 1 + 5 + 11], [6, 7]]
+
+
+def test_expand_backward_is_the_coalesced_gradient_of_a_gather():
+    ids = _ids(200, 30)
+    d = dedupe(ids)
+    rows = torch.randn(d.uniq.numel(), 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(200, 4, dtype=torch.float64)
+    (expand(rows, d) * w).sum().backward()
+    ref_rows = rows.detach().clone().requires_grad_()
+    (ref_rows[d.inv] * w).sum().backward()  # autograd's own index backward
+    torch.testing.assert_close(rows.grad, ref_rows.grad, rtol=0, atol=1e-12)
+    assert torch.equal(expand(rows.detach(), d), rows.detach()[d.inv])
