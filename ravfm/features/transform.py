@@ -67,7 +67,22 @@ def check_schema(schema: dict | pa.Schema | pl.Schema, spec: FeatureSpec) -> Non
                             "re-run `ravfm stats` on these")
 
 
-def _as_polars(batch: Any) -> pl.DataFrame:
+def _pl_dtype(name: str) -> pl.DataType:
+    if name.startswith("List(") and name.endswith(")"):
+        return pl.List(_pl_dtype(name[5:-1]))
+    return getattr(pl, name)
+
+
+def _from_numpy(name: str, v: Any, dtype: str | None) -> pl.Series:
+    v = np.asarray(v)
+    if v.dtype == object:  # strings or lists, with None for null
+        s = pl.Series(name, pa.array(list(v), from_pandas=True))
+    else:
+        s = pl.Series(name, v, nan_to_null=v.dtype.kind == "f")
+    return s if dtype is None or str(s.dtype) == dtype else s.cast(_pl_dtype(dtype))
+
+
+def _as_polars(batch: Any, spec: FeatureSpec) -> pl.DataFrame:
     if isinstance(batch, pl.DataFrame):
         return batch
     if isinstance(batch, pa.RecordBatch):
@@ -75,8 +90,8 @@ def _as_polars(batch: Any) -> pl.DataFrame:
     if isinstance(batch, pa.Table):
         return pl.from_arrow(batch)
     if isinstance(batch, dict):  # Ray Data numpy batches: object arrays for strings and lists
-        return pl.DataFrame([pl.Series(k, v, nan_to_null=True) if np.asarray(v).dtype != object
-                             else pl.Series(k, list(v)) for k, v in batch.items()])
+        dtypes = {f.name: f.dtype for f in spec.fields}
+        return pl.DataFrame([_from_numpy(k, v, dtypes.get(k)) for k, v in batch.items()])
     raise TypeError(f"transform takes a pyarrow.Table, polars.DataFrame or dict, not {type(batch)}")
 
 
@@ -163,9 +178,9 @@ def field_ids(df: pl.DataFrame, f: FieldSpec) -> np.ndarray:
 
 
 def _put(ids: np.ndarray, cols: list[int], h: np.ndarray, fields: list[FieldSpec]) -> None:
-    """ids[:, cols] = offset + (h & (buckets - 1)); h: uint64 (B, len(cols)), changed in place."""
-    h &= np.array([f.buckets - 1 for f in fields], np.uint64)
-    rows = h.view(np.int64)
+    """ids[:, cols] = offset + (h & (buckets - 1)); h: uint64 (B, len(cols)), reused if writable."""
+    masks = np.array([f.buckets - 1 for f in fields], np.uint64)
+    rows = np.bitwise_and(h, masks, out=h if h.flags.writeable else None).view(np.int64)
     rows += np.array([f.offset for f in fields], np.int64)
     if cols == list(range(cols[0], cols[0] + len(cols))):
         ids[:, cols[0]:cols[0] + len(cols)] = rows
@@ -180,7 +195,7 @@ def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
     [1, N); padding is (0, 0.0). Binary labels become 0/1 (libSVM -1 -> 0); a missing label
     column gives zeros.
     """
-    df = _as_polars(batch)
+    df = _as_polars(batch, spec)
     check_schema(df.schema, spec)
     b, width = df.height, spec.num_fields
     starts = np.cumsum([0] + [f.width for f in spec.fields])[:-1]
