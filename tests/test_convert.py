@@ -247,3 +247,49 @@ def test_cli_convert_prints_one_summary_line(shared_data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "8,999 rows" in out and "rows/s" in out and "rejects 0" in out
     assert read_index(tmp_path / "o")["split_rule"]["seed"] == 3
+
+
+def test_criteo_test_file_without_label_is_the_test_variant(shared_data, tmp_path):
+    lines = (shared_data / "criteo" / "dac_sample_8k.txt").read_bytes().split(b"\n")[:500]
+    src = tmp_path / "test.txt"
+    src.write_bytes(b"\n".join(line.split(b"\t", 1)[1] for line in lines) + b"\n")
+    s = convert("criteo", str(src), tmp_path / "out", split="test")
+    idx = read_index(tmp_path / "out")
+    assert s["variant"] == "test" and idx["label"] is None and "label" not in idx["schema"]
+    df = _read(tmp_path / "out", "test")
+    assert df.columns == [c for c in CRITEO.columns if c != "label"] and len(df) == 500
+    with pytest.raises(UserError, match="looks like criteo test, not the --variant train"):
+        convert("criteo", str(src), tmp_path / "out2", variant="train")
+
+
+def test_avazu_test_file_without_click_is_the_test_variant(shared_data, tmp_path):
+    lines = (shared_data / "avazu" / "avazu_sample_9k.csv").read_text().splitlines()[:300]
+    src = tmp_path / "test.csv"
+    src.write_text("\n".join(",".join(f[:1] + f[2:]) for f in (x.split(",") for x in lines)) + "\n")
+    s = convert("avazu", str(src), tmp_path / "out")
+    assert s["variant"] == "test" and s["rows"] == 299
+    assert "click" not in _read(tmp_path / "out").columns
+
+
+def test_mostly_bad_input_stops_early_with_a_clear_error(shared_data, tmp_path, monkeypatch):
+    import ravfm.data.convert as convert_mod
+
+    monkeypatch.setattr(convert_mod, "BLOCK_BYTES", 1 << 16)
+    good = (shared_data / "criteo" / "dac_sample_8k.txt").read_bytes().split(b"\n")[0]
+    src = tmp_path / "bad.txt"
+    src.write_bytes(good + b"\n" + b"1\tnot criteo at all\n" * 50_000)
+    with pytest.raises(UserError, match="lines read rejected") as e:
+        convert("criteo", str(src), tmp_path / "out")
+    bad, read = (int(x) for x in str(e.value).split(": ", 1)[1].split(" lines")[0].split(" of "))
+    assert read < 20_000 and bad == read - 1 and "bad_field_count" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_conversion_leaves_nothing_behind(shared_data, tmp_path, monkeypatch):
+    def boom(self, split, df):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardSet, "add", boom)
+    with pytest.raises(KeyboardInterrupt):
+        convert("criteo", str(shared_data / "criteo" / "dac_sample_8k.txt"), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +31,6 @@ import ravfm
 from ravfm.data.formats import FORMATS, LineFormat
 from ravfm.data.index import (
     FORMAT_VERSION,
-    INDEX_NAME,
     REJECTS_DIR,
     SPLITS,
     read_index,
@@ -40,6 +38,7 @@ from ravfm.data.index import (
 )
 from ravfm.data.libsvm import LibSVM
 from ravfm.data.movielens import STANDARD_SPLITS, MovieLens
+from ravfm.data.outdir import out_state, summarize, summary_line, swap_into
 from ravfm.data.parse import Parsed
 from ravfm.data.shards import ROW_GROUP_ROWS, RejectLog, ShardSet
 from ravfm.data.sources import (
@@ -56,6 +55,7 @@ from ravfm.errors import UserError
 __all__ = ["convert", "FORMAT_NAMES"]
 
 FORMAT_NAMES = ("criteo", "avazu", "movielens", "libsvm")
+_EARLY_LINES = 10_000  # after this many lines, stop at once if more than half were rejected
 
 
 def _split_rule(fmt: str, split: str, ratios: tuple[float, ...], seed: int) -> dict[str, Any]:
@@ -83,32 +83,6 @@ def _split_rule(fmt: str, split: str, ratios: tuple[float, ...], seed: int) -> d
         f"--split {split!r} is not valid for {fmt}; use hash, train, valid or test"
         + (" (or u1..u5, ua, ub for MovieLens 100K)" if fmt == "movielens" else "")
     )
-
-
-def _out_state(out: Path, fmt: str, src: str, fp: dict[str, Any], options: dict[str, Any]) -> str:
-    """'new', 'replace' or 'up-to-date' for OUT; UserError when OUT holds something else."""
-    if not out.exists():
-        return "new"
-    if not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a directory path")
-    if not (out / INDEX_NAME).exists():
-        if any(out.iterdir()):
-            raise UserError(
-                f"--out {out} already holds files that are not a ravfm dataset; "
-                "choose an empty or new directory"
-            )
-        return "new"
-    old = read_index(out)
-    if old.get("dataset") != fmt or old.get("source", {}).get("url") != src:
-        raise UserError(
-            f"--out {out} already holds a different dataset ({old.get('dataset')} "
-            f"from {old.get('source', {}).get('url')}); choose another --out or "
-            "delete it"
-        )
-    stamped = all(len(f) > 2 for f in fp["files"])  # url, size and mtime/etag for every file
-    if stamped and old.get("source") == fp and old.get("options") == options:
-        return "up-to-date"
-    return "replace"
 
 
 def _blocks(
@@ -198,15 +172,14 @@ def convert(
         "rows_per_shard": rows_per_shard,
         "max_reject_rate": max_reject_rate,
     }
-    state = _out_state(out, fmt, src, fp, options)
+    state = out_state(out, fmt, src, fp, options)
     if state == "up-to-date":
         index = read_index(out)
         print(
             f"convert {fmt}: {out} is up to date with {src} (same source fingerprint and "
             f"options); nothing to do",
-            file=sys.stderr,
         )
-        return {**_summary(index, 0.0), "skipped": True}
+        return {**summarize(index, 0.0), "skipped": True}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -225,12 +198,12 @@ def convert(
             max_reject_rate=max_reject_rate,
             out=out,
         )
-        _swap(tmp, out)
+        swap_into(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    summary = _summary(index, time.perf_counter() - t0)
-    print(_summary_line(fmt, out, summary))
+    summary = summarize(index, time.perf_counter() - t0)
+    print(summary_line(fmt, out, summary))
     return {**summary, "skipped": False}
 
 
@@ -256,6 +229,7 @@ def _run(
     lines = row_base = 0
     line_no = 1
     pending: Future | None = None
+    stopped = False
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ravfm-write") as pool:
         try:
             for file, fixed, first, block in prefetch(lambda: _blocks(parts)):
@@ -285,6 +259,9 @@ def _run(
                 lines += n
                 row_base += n
                 line_no += n
+                if lines >= _EARLY_LINES and rejects.total * 2 > lines and max_reject_rate < 0.5:
+                    stopped = True  # mostly bad: the wrong format or a corrupt file; stop now
+                    break
             if pending is not None:
                 pending.result()
         finally:
@@ -299,7 +276,7 @@ def _run(
         shutil.move(str(tmp / REJECTS_DIR), keep)
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(rejects.counts.items()))
         raise UserError(
-            f"{src}: {bad} of {lines} lines rejected ({bad / lines:.4%} > "
+            f"{src}: {bad} of {lines} lines{' read' if stopped else ''} rejected ({bad / lines:.4%} > "
             f"--max-reject-rate {max_reject_rate:.4%}; {reasons}); see "
             f"{keep}/rejects.jsonl, fix the source or raise --max-reject-rate"
         )
@@ -331,39 +308,3 @@ def _run(
     }
     write_index(tmp, index)
     return index
-
-
-def _swap(tmp: Path, out: Path) -> None:
-    """Put TMP in OUT's place; an old OUT is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _summary(index: dict[str, Any], seconds: float) -> dict[str, Any]:
-    return {
-        "dataset": index["dataset"],
-        "variant": index["variant"],
-        "rows": index["rows"],
-        "lines": index["lines"],
-        "splits": {k: v["rows"] for k, v in index["splits"].items()},
-        "shards": len(index["shards"]),
-        "rejects": index["rejects"],
-        "rejected": index["rejected"],
-        "seconds": round(seconds, 3),
-        "rows_per_s": round(index["lines"] / seconds, 1) if seconds > 0 else None,
-    }
-
-
-def _summary_line(fmt: str, out: Path, s: dict[str, Any]) -> str:
-    splits = " / ".join(f"{k} {v:,}" for k, v in s["splits"].items())
-    rej = ", ".join(f"{k} {v:,}" for k, v in s["rejects"].items()) or "none"
-    return (
-        f"convert {fmt}: {s['rows']:,} rows ({splits}) in {s['shards']} shards -> {out}; "
-        f"rejects {s['rejected']:,} ({rej}); {s['seconds']:.2f} s, "
-        f"{s['rows_per_s'] or 0:,.0f} rows/s"
-    )
