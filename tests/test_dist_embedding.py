@@ -42,7 +42,7 @@ def test_sparse_gradient_equals_the_dense_gradient_on_touched_rows_only():
     g = sparse.sparse_grad()
     assert g.rows.tolist() == [3, 7, 11]  # duplicates coalesced, ascending
     torch.testing.assert_close(g.grad, plain.weight.grad[g.rows], rtol=0, atol=1e-14)
-    assert torch.equal(g.current, sparse.weight[g.rows])
+    assert torch.equal(g.packed, sparse.storage[g.rows])
     untouched = torch.ones(N, dtype=torch.bool)
     untouched[g.rows] = False
     assert plain.weight.grad[untouched].abs().sum() == 0
@@ -56,7 +56,7 @@ def test_two_lookups_before_a_step_add_their_gradients():
     (plain(a).sum() + 3 * plain(b).sum()).backward()
     (sparse(a).sum() + 3 * sparse(b).sum()).backward()
     g = sparse.sparse_grad()
-    assert g.rows.tolist() == [1, 2, 4] and g.current is None
+    assert g.rows.tolist() == [1, 2, 4] and g.packed is None
     torch.testing.assert_close(g.grad, plain.weight.grad[g.rows], rtol=0, atol=1e-14)
     sparse.zero_grad()
     assert sparse.sparse_grad() is None

@@ -1,8 +1,10 @@
 """Row-wise sparse optimizers for embedding tables, and `build_optimizers`.
 
-Each optimizer steps every table of a model in one fused pass over the touched rows: gather the
-rows' state, update it and the weights in place, write both back with index_copy_. Untouched rows
-are neither read nor written (their bits do not change), and nothing walks the whole table.
+Each optimizer steps every table of a model in one fused pass over the touched rows: the state
+sits in the table's packed storage beside the weights (ravfm.dist.rows), the forward pass already
+gathered those rows, the update runs in place on them, and one index_copy_ writes them back.
+Untouched rows are neither read nor written (their bits do not change), and nothing walks the
+whole table.
 
 Semantics (g: a touched row's coalesced gradient, summed over its occurrences in the batch):
   SparseSGD      w -= lr g
@@ -27,22 +29,35 @@ import torch
 from torch import Tensor, nn
 
 from ravfm.config import OptimConfig
-from ravfm.dist.embedding import LocalRows, SparseGrad
+from ravfm.dist.rows import LocalRows, SparseGrad
 from ravfm.model.layers import is_table
 
 __all__ = ["SparseOptimizer", "SparseSGD", "SparseAdagrad", "SparseAdam", "build_optimizers"]
 
 
 class _DenseRows:
-    """A table whose weight is a dense nn.Parameter (PlainTable) seen as rows: touched rows are
-    those with a nonzero gradient (a dense pass: PlainTable is the slow reference)."""
+    """A table whose weight is a dense nn.Parameter (PlainTable) seen as rows, with its state in a
+    separate tensor. Touched rows are those with a nonzero gradient (a dense pass: PlainTable is
+    the slow reference)."""
 
     def __init__(self, table: nn.Module) -> None:
         self.table, self.name = table, getattr(table, "name", "table")
+        self.dim = int(table.weight.shape[1])
+        self.state_columns = self.weight.new_zeros((self.weight.shape[0], 0))
 
     @property
     def weight(self) -> Tensor:
         return self.table.weight.data
+
+    def reserve_state(self, width: int, fill: float = 0.0) -> None:
+        self.state_columns = self.weight.new_full((self.weight.shape[0], width), fill)
+
+    def gather(self, rows: Tensor) -> Tensor:
+        return torch.cat([self.weight[rows], self.state_columns[rows]], dim=1)
+
+    def scatter(self, rows: Tensor, packed: Tensor) -> None:
+        self.weight.index_copy_(0, rows, packed[:, : self.dim])
+        self.state_columns.index_copy_(0, rows, packed[:, self.dim :])
 
     def sparse_grad(self) -> SparseGrad | None:
         g = self.table.weight.grad
@@ -73,26 +88,50 @@ def _rows_view(table: nn.Module) -> LocalRows | _DenseRows:
     return table if isinstance(table, LocalRows) else _DenseRows(table)
 
 
+def _state_columns(t: LocalRows | _DenseRows) -> Tensor:
+    return t.storage[:, t.dim :] if isinstance(t, LocalRows) else t.state_columns
+
+
 class SparseOptimizer:
     """Steps the touched rows of every table. tables: {key: table} (keys name the state in
-    checkpoints) or a list of tables (keyed by their names). `lr` may be changed between steps."""
+    checkpoints) or a list of tables (keyed by their names). `lr` may be changed between steps.
+
+    Construction reserves the state columns in each table's packed storage (ravfm.dist.rows),
+    so build the optimizer after the model is on its device and dtype."""
 
     def __init__(self, tables: Mapping[str, nn.Module] | list[nn.Module], lr: float) -> None:
         if not isinstance(tables, Mapping):
             tables = {getattr(t, "name", f"table{i}"): t for i, t in enumerate(tables)}
         self.tables = {k: _rows_view(t) for k, t in tables.items()}
         self.lr = float(lr)
-        self.state: dict[str, dict[str, Tensor]] = {
-            k: self._new_state(t.weight) for k, t in self.tables.items()
-        }
+        self._layout: dict[str, dict[str, tuple[int, int]]] = {}
+        for key, t in self.tables.items():
+            spec, start, layout = self._spec(t.dim), 0, {}
+            for name, width, _ in spec:
+                layout[name] = (start, start + width)
+                start += width
+            t.reserve_state(start)
+            cols = _state_columns(t)
+            for name, _, fill in spec:
+                cols[:, slice(*layout[name])].fill_(fill)
+            self._layout[key] = layout
 
-    def _new_state(self, weight: Tensor) -> dict[str, Tensor]:
-        """Per-row state tensors (L, ...) for a table of weight (L, dim)."""
-        return {}
+    def _spec(self, dim: int) -> list[tuple[str, int, float]]:
+        """State per row: (name, columns, initial value) for a table of `dim` columns."""
+        return []
 
-    def _update(self, weight_rows: Tensor, g: SparseGrad, state: dict[str, Tensor]) -> None:
-        """Update weight_rows (U, dim) in place (and the state's rows g.rows)."""
+    def _update(self, w: Tensor, g: Tensor, state: dict[str, Tensor]) -> None:
+        """Update w (U, dim) and the state views (U, width) in place from the gradient g."""
         raise NotImplementedError
+
+    @property
+    def state(self) -> dict[str, dict[str, Tensor]]:
+        """{key: {name: (L, width) view, (L,) when width is 1}} of every table's state."""
+        out = {}
+        for key, t in self.tables.items():
+            cols = _state_columns(t)
+            out[key] = {n: _squeeze(cols[:, a:b]) for n, (a, b) in self._layout[key].items()}
+        return out
 
     @torch.no_grad()
     def step(self) -> None:
@@ -102,21 +141,22 @@ class SparseOptimizer:
             t.zero_grad()
             if g is None or g.rows.numel() == 0:
                 continue
-            w = t.weight
-            rows = g.current if g.current is not None else w.index_select(0, g.rows)
-            self._update(rows, g, self.state[key])
-            w.index_copy_(0, g.rows, rows)
+            packed = g.packed if g.packed is not None else t.gather(g.rows)  # (U, dim + S)
+            d = t.dim
+            state = {n: packed[:, d + a : d + b] for n, (a, b) in self._layout[key].items()}
+            self._update(packed[:, :d], g.grad, state)
+            t.scatter(g.rows, packed)
 
     def zero_grad(self) -> None:
         for t in self.tables.values():
             t.zero_grad()
 
     def export_state(self) -> dict[str, Tensor]:
-        """{key/ids: global row ids (n,), key/NAME: state rows (n, ...)} for the rows each table
-        exports on this rank."""
+        """{key/ids: global row ids (n,), key/NAME: state rows (n,) or (n, width)} for the rows
+        each table exports on this rank."""
         out: dict[str, Tensor] = {}
         for key, t in self.tables.items():
-            if not self.state[key]:
+            if not self._layout[key]:
                 continue
             local = t.export_local()
             out[f"{key}/ids"] = t.global_ids(local)
@@ -132,20 +172,26 @@ class SparseOptimizer:
             if f"{key}/ids" not in state:
                 continue
             mask, local = t.local_index(state[f"{key}/ids"])
-            for name, s in self.state[key].items():
-                s.index_copy_(0, local, state[f"{key}/{name}"].to(s)[mask])
+            cols = _state_columns(t)
+            for name, (a, b) in self._layout[key].items():
+                rows = state[f"{key}/{name}"].to(cols)[mask]
+                cols[:, a:b].index_copy_(0, local, rows.reshape(-1, b - a))
+
+
+def _squeeze(t: Tensor) -> Tensor:
+    return t.squeeze(1) if t.shape[1] == 1 else t
 
 
 class SparseSGD(SparseOptimizer):
     """w -= lr g on the touched rows."""
 
-    def _update(self, weight_rows: Tensor, g: SparseGrad, state: dict[str, Tensor]) -> None:
-        weight_rows.add_(g.grad, alpha=-self.lr)
+    def _update(self, w: Tensor, g: Tensor, state: dict[str, Tensor]) -> None:
+        w.add_(g, alpha=-self.lr)
 
 
 class SparseAdagrad(SparseOptimizer):
     """Adagrad on the touched rows: element-wise accumulators (as torch.optim.Adagrad), or one
-    per row with rowwise=True (memory N instead of N x dim)."""
+    per row with rowwise=True (state N instead of N x dim)."""
 
     def __init__(
         self,
@@ -158,24 +204,21 @@ class SparseAdagrad(SparseOptimizer):
         self.eps, self.initial, self.rowwise = eps, initial_accumulator, rowwise
         super().__init__(tables, lr)
 
-    def _new_state(self, weight: Tensor) -> dict[str, Tensor]:
-        shape = weight.shape[:1] if self.rowwise else weight.shape
-        return {"sum": torch.full(shape, self.initial, dtype=weight.dtype, device=weight.device)}
+    def _spec(self, dim: int) -> list[tuple[str, int, float]]:
+        return [("sum", 1 if self.rowwise else dim, self.initial)]
 
-    def _update(self, weight_rows: Tensor, g: SparseGrad, state: dict[str, Tensor]) -> None:
-        acc = state["sum"]
-        s = acc.index_select(0, g.rows)  # (U, dim) or (U,)
+    def _update(self, w: Tensor, g: Tensor, state: dict[str, Tensor]) -> None:
+        s = state["sum"]  # (U, dim) or (U, 1)
         if self.rowwise:
-            s.add_(g.grad.square().mean(dim=1))
+            s.add_(g.square().mean(dim=1, keepdim=True))
         else:
-            s.addcmul_(g.grad, g.grad)
-        acc.index_copy_(0, g.rows, s)
-        std = s.sqrt_().add_(self.eps)
-        weight_rows.addcdiv_(g.grad, std.unsqueeze(1) if self.rowwise else std, value=-self.lr)
+            s.addcmul_(g, g)
+        w.addcdiv_(g, s.sqrt().add_(self.eps), value=-self.lr)
 
 
 class SparseAdam(SparseOptimizer):
-    """Lazy Adam (see the module docstring): moments and bias correction per touched row."""
+    """Lazy Adam (see the module docstring): moments and bias correction per touched row. The
+    row's step count is kept in the table's dtype (exact up to 2**24 steps in float32)."""
 
     def __init__(
         self,
@@ -187,28 +230,18 @@ class SparseAdam(SparseOptimizer):
         self.betas, self.eps = (float(betas[0]), float(betas[1])), eps
         super().__init__(tables, lr)
 
-    def _new_state(self, weight: Tensor) -> dict[str, Tensor]:
-        n = weight.shape[0]
-        return {
-            "exp_avg": torch.zeros_like(weight),
-            "exp_avg_sq": torch.zeros_like(weight),
-            "step": torch.zeros(n, dtype=torch.int32, device=weight.device),
-        }
+    def _spec(self, dim: int) -> list[tuple[str, int, float]]:
+        return [("exp_avg", dim, 0.0), ("exp_avg_sq", dim, 0.0), ("step", 1, 0.0)]
 
-    def _update(self, weight_rows: Tensor, g: SparseGrad, state: dict[str, Tensor]) -> None:
+    def _update(self, w: Tensor, g: Tensor, state: dict[str, Tensor]) -> None:
         b1, b2 = self.betas
-        t = state["step"].index_select(0, g.rows).add_(1)  # (U,)
-        state["step"].index_copy_(0, g.rows, t)
-        m = state["exp_avg"].index_select(0, g.rows).lerp_(g.grad, 1 - b1)  # (U, dim)
-        v = state["exp_avg_sq"].index_select(0, g.rows).mul_(b2)
-        v.addcmul_(g.grad, g.grad, value=1 - b2)
-        state["exp_avg"].index_copy_(0, g.rows, m)
-        state["exp_avg_sq"].index_copy_(0, g.rows, v)
-        tf = t.to(weight_rows.dtype).unsqueeze(1)  # (U, 1)
-        bc1 = 1 - torch.pow(b1, tf)
-        bc2_sqrt = (1 - torch.pow(b2, tf)).sqrt_()
+        t = state["step"].add_(1)  # (U, 1)
+        m = state["exp_avg"].lerp_(g, 1 - b1)  # (U, dim)
+        v = state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1 = 1 - torch.pow(b1, t)
+        bc2_sqrt = (1 - torch.pow(b2, t)).sqrt_()
         denom = v.sqrt().div_(bc2_sqrt).add_(self.eps)
-        weight_rows.sub_(m.div_(denom).mul_(self.lr / bc1))
+        w.sub_((m / denom).mul_(self.lr / bc1))
 
 
 def _tables(model: nn.Module) -> dict[str, nn.Module]:
