@@ -72,12 +72,14 @@ def test_criteo_bucketiser_null_keeps_its_own_key():
 
 def test_criteo_bucketiser_matches_definition_everywhere():
     rng = np.random.default_rng(0)
-    xs = np.concatenate([
-        np.arange(-2000, 70000),  # the lookup table's range and both its ends
-        rng.integers(-(2**62), 2**62, 2000),
-        10 ** np.arange(0, 19),
-        np.array([2**63 - 1, -(2**63) + 1, 65535, 65536, -1024, -1025]),
-    ]).astype(np.int64)
+    xs = np.concatenate(
+        [
+            np.arange(-2000, 70000),  # the lookup table's range and both its ends
+            rng.integers(-(2**62), 2**62, 2000),
+            10 ** np.arange(0, 19),
+            np.array([2**63 - 1, -(2**63) + 1, 65535, 65536, -1024, -1025]),
+        ]
+    ).astype(np.int64)
     # thresholds exp(sqrt(k)) rounded, where float rounding would bite first
     ks = np.arange(1, 1900)
     edge = np.ceil(np.exp(np.sqrt(ks))).clip(3, 2**62).astype(np.int64)
@@ -111,8 +113,9 @@ def test_golden_ids_criteo():
     """A change of polars, polars-hash or our maps changes these ids and must fail here."""
     import polars as pl
 
-    spec = build_spec({"dataset": "criteo", "schema": CRITEO.columns, "label": "label"},
-                      FeatureConfig())
+    spec = build_spec(
+        {"dataset": "criteo", "schema": CRITEO.columns, "label": "label"}, FeatureConfig()
+    )
     row = {c: None for c in CRITEO.columns}
     row.update(label=1, C1="68fd1e64", C2="80e26c9b", C26="9727dd16", I1=1, I2=-1, I3=1000)
     df = pl.DataFrame([row], schema={k: getattr(pl, v) for k, v in CRITEO.columns.items()})
@@ -126,22 +129,41 @@ def test_golden_ids_criteo():
 
 
 # C3 and I4 are null: each field's own null row. I1=1 and I2=-1 stay as-is, I3=1000 -> 47.
-GOLDEN_CRITEO = {"C1": 776065, "C2": 985971, "C26": 144639, "C3": 57725, "I1": 988433,
-                 "I2": 277960, "I3": 616287, "I4": 513912}
+GOLDEN_CRITEO = {
+    "C1": 776065,
+    "C2": 985971,
+    "C26": 144639,
+    "C3": 57725,
+    "I1": 988433,
+    "I2": 277960,
+    "I3": 616287,
+    "I4": 513912,
+}
 
 
 def test_golden_ids_movielens_integer_and_genre():
     import polars as pl
 
     schema = dict(MOVIELENS.columns)
-    spec = build_spec({"dataset": "movielens", "schema": schema, "label": "rating"},
-                      FeatureConfig(hash_bits=16))
+    spec = build_spec(
+        {"dataset": "movielens", "schema": schema, "label": "rating"}, FeatureConfig(hash_bits=16)
+    )
     df = pl.DataFrame(
-        {"user_id": [196], "item_id": [242], "rating": [3.0], "timestamp": [881250949],
-         "age": [49], "gender": ["M"], "occupation": ["writer"], "zip": ["55105"],
-         "genres": [["Comedy", "Drama"]]},
-        schema={k: (pl.List(pl.String) if v == "List(String)" else getattr(pl, v))
-                for k, v in schema.items()},
+        {
+            "user_id": [196],
+            "item_id": [242],
+            "rating": [3.0],
+            "timestamp": [881250949],
+            "age": [49],
+            "gender": ["M"],
+            "occupation": ["writer"],
+            "zip": ["55105"],
+            "genres": [["Comedy", "Drama"]],
+        },
+        schema={
+            k: (pl.List(pl.String) if v == "List(String)" else getattr(pl, v))
+            for k, v in schema.items()
+        },
     )
     out = transform(df, spec)
     assert out["ids"][0].tolist() == GOLDEN_MOVIELENS

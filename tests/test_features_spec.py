@@ -31,15 +31,22 @@ def test_criteo_defaults_layout_and_shape_facts():
 
 def test_movielens_avazu_libsvm_defaults():
     ml = build_spec(_index(MOVIELENS.columns, "movielens", "rating"), FeatureConfig())
-    assert [f.name for f in ml.fields] == ["user_id", "item_id", "age", "gender",
-                                           "occupation", "genres"]
+    assert [f.name for f in ml.fields] == [
+        "user_id",
+        "item_id",
+        "age",
+        "gender",
+        "occupation",
+        "genres",
+    ]
     assert ml.task == "regression" and ml.fields[-1].kind == "multi"
     assert ml.num_fields == 5 + ml.fields[-1].width
     assert ml.field_index == [0, 1, 2, 3, 4] + [5] * ml.fields[-1].width
     # ml-10m and later lack the user side columns: the defaults follow the actual schema
     small = {k: MOVIELENS.columns[k] for k in ("user_id", "item_id", "rating", "genres")}
-    assert [f.name for f in build_spec(_index(small, "movielens", "rating"),
-                                       FeatureConfig()).fields] == ["user_id", "item_id", "genres"]
+    assert [
+        f.name for f in build_spec(_index(small, "movielens", "rating"), FeatureConfig()).fields
+    ] == ["user_id", "item_id", "genres"]
     av = build_spec(_index(AVAZU.columns, "avazu", "click"), FeatureConfig())
     assert len(av.fields) == 23 and "id" not in [f.name for f in av.fields]
     assert [f.hasher for f in av.fields[:2]] == ["splitmix64", "splitmix64"]  # Int8 columns
@@ -51,8 +58,11 @@ def test_per_field_layout_and_too_few_bits_error():
     spec = build_spec(_index(CRITEO.columns), FeatureConfig(hash_bits=16, id_space="per_field"))
     assert {f.buckets for f in spec.fields} == {1 << 10}  # 39 fields -> 64 blocks of 2^10
     assert [f.offset for f in spec.fields] == [1 + i * 1024 for i in range(39)]
-    with pytest.raises(UserError, match=r"^features.hash_bits=5 is too small for 39 per-field "
-                                        r"blocks; use at least 7 or features.id_space=shared$"):
+    with pytest.raises(
+        UserError,
+        match=r"^features.hash_bits=5 is too small for 39 per-field "
+        r"blocks; use at least 7 or features.id_space=shared$",
+    ):
         build_spec(_index(CRITEO.columns), FeatureConfig(hash_bits=5, id_space="per_field"))
 
 
@@ -71,8 +81,9 @@ def test_quantile_without_edges_is_an_error():
 
 def test_save_load_round_trip_with_kept_rows(tmp_path):
     kept = np.array([3, 17, 99, 1000], np.int64)
-    spec = build_spec(_index(CRITEO.columns), FeatureConfig(hash_bits=12, min_count=5),
-                      kept_rows=kept)
+    spec = build_spec(
+        _index(CRITEO.columns), FeatureConfig(hash_bits=12, min_count=5), kept_rows=kept
+    )
     path = spec.save(tmp_path / "s")
     assert path.name == "feature_spec.json" and (tmp_path / "s" / "kept_rows.npy").is_file()
     back = FeatureSpec.load(tmp_path / "s")
@@ -108,6 +119,8 @@ def test_check_compatible_names_the_first_differing_key():
     with pytest.raises(UserError, match=r"^feature spec mismatch: min_count 1 != 2"):
         a.check_compatible(d)
     # scoring data without a label column: the label name alone changes no id
-    unlabeled = build_spec(_index({k: v for k, v in CRITEO.columns.items() if k != "label"},
-                                  label=None), FeatureConfig(hash_bits=20))
+    unlabeled = build_spec(
+        _index({k: v for k, v in CRITEO.columns.items() if k != "label"}, label=None),
+        FeatureConfig(hash_bits=20),
+    )
     a.check_compatible(unlabeled)

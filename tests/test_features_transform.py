@@ -78,8 +78,10 @@ def _frame(n: int = 300, seed: int = 0) -> pl.DataFrame:
     words = ["a", "b", "", "zz", "hello", "\u00e9t\u00e9"]
     c1 = [None if rng.random() < 0.2 else words[rng.integers(len(words))] for _ in range(n)]
     x = [None if rng.random() < 0.2 else int(rng.integers(-50, 50)) for _ in range(n)]
-    i1 = [None if rng.random() < 0.2 else int(v) for v in
-          rng.choice([-3, -1, 0, 1, 2, 3, 7, 10, 1000, 70000, 10**12, -5000], n)]
+    i1 = [
+        None if rng.random() < 0.2 else int(v)
+        for v in rng.choice([-3, -1, 0, 1, 2, 3, 7, 10, 1000, 70000, 10**12, -5000], n)
+    ]
     tags = []
     for _ in range(n):
         u = rng.random()
@@ -89,20 +91,32 @@ def _frame(n: int = 300, seed: int = 0) -> pl.DataFrame:
             tags.append([])
         else:
             k = int(rng.integers(1, 7))  # up to 6 items: some exceed width 4
-            tags.append([None if rng.random() < 0.1 else words[rng.integers(len(words))]
-                         for _ in range(k)])
+            tags.append(
+                [None if rng.random() < 0.1 else words[rng.integers(len(words))] for _ in range(k)]
+            )
     label = [int(v) for v in rng.integers(0, 2, n)]
-    return pl.DataFrame({"label": label, "C1": c1, "x": x, "I1": i1, "tags": tags},
-                        schema={"label": pl.Int8, "C1": pl.String, "x": pl.Int64,
-                                "I1": pl.Int64, "tags": pl.List(pl.String)})
+    return pl.DataFrame(
+        {"label": label, "C1": c1, "x": x, "I1": i1, "tags": tags},
+        schema={
+            "label": pl.Int8,
+            "C1": pl.String,
+            "x": pl.Int64,
+            "I1": pl.Int64,
+            "tags": pl.List(pl.String),
+        },
+    )
 
 
 def _spec(**cfg) -> FeatureSpec:
     index = {"dataset": "criteo", "schema": SCHEMA, "label": "label"}
     kw = {k: cfg.pop(k) for k in ("widths", "edges", "kept_rows") if k in cfg}
-    return build_spec(index, FeatureConfig(fields=("C1", "x", "I1", "tags"), **cfg),
-                      widths=kw.get("widths", {"tags": 4}), edges=kw.get("edges"),
-                      kept_rows=kw.get("kept_rows"))
+    return build_spec(
+        index,
+        FeatureConfig(fields=("C1", "x", "I1", "tags"), **cfg),
+        widths=kw.get("widths", {"tags": 4}),
+        edges=kw.get("edges"),
+        kept_rows=kw.get("kept_rows"),
+    )
 
 
 @pytest.mark.parametrize("id_space, bits", [("shared", 10), ("per_field", 12), ("shared", 20)])
@@ -121,9 +135,11 @@ def test_transform_matches_slow_twin(id_space, bits):
 def test_quantile_bucketiser_matches_slow_twin():
     df = _frame(200, seed=1).with_columns(pl.col("I1").cast(pl.Float64))
     schema = {**SCHEMA, "I1": "Float64"}
-    spec = build_spec({"dataset": "criteo", "schema": schema, "label": "label"},
-                      FeatureConfig(fields=("I1", "C1"), numeric="quantile"),
-                      edges={"I1": (-1.0, 0.5, 3.0, 1000.0)})
+    spec = build_spec(
+        {"dataset": "criteo", "schema": schema, "label": "label"},
+        FeatureConfig(fields=("I1", "C1"), numeric="quantile"),
+        edges={"I1": (-1.0, 0.5, 3.0, 1000.0)},
+    )
     assert transform(df, spec)["ids"].tolist() == slow_transform(df.to_dicts(), spec)[0]
 
 
@@ -161,7 +177,7 @@ def test_per_field_blocks_are_disjoint():
     out = transform(_frame(), spec)["ids"]
     col = 0
     for f in spec.fields:
-        block = out[:, col:col + f.width]
+        block = out[:, col : col + f.width]
         real = block[block > 0]
         assert ((real >= f.offset) & (real < f.offset + f.buckets)).all()
         col += f.width
@@ -173,12 +189,16 @@ def test_per_field_blocks_are_disjoint():
 def test_libsvm_values_and_minus_one_labels():
     idx = [[3, 10, 7], [5], None, [1, 2, 3, 4, 5, 6]]
     val = [[1.0, 0.5, 2.0], [1.0], None, [1.0] * 6]
-    df = pl.DataFrame({"label": [-1.0, 1.0, 1.0, -1.0], "idx": idx, "val": val},
-                      schema={"label": pl.Float32, "idx": pl.List(pl.Int64),
-                              "val": pl.List(pl.Float32)})
+    df = pl.DataFrame(
+        {"label": [-1.0, 1.0, 1.0, -1.0], "idx": idx, "val": val},
+        schema={"label": pl.Float32, "idx": pl.List(pl.Int64), "val": pl.List(pl.Float32)},
+    )
     schema = {"label": "Float32", "idx": "List(Int64)", "val": "List(Float32)"}
-    spec = build_spec({"dataset": "libsvm", "schema": schema, "label": "label"},
-                      FeatureConfig(hash_bits=16), widths={"idx": 4})
+    spec = build_spec(
+        {"dataset": "libsvm", "schema": schema, "label": "label"},
+        FeatureConfig(hash_bits=16),
+        widths={"idx": 4},
+    )
     out = transform(df, spec)
     ids, vals = slow_transform(df.to_dicts(), spec)
     assert out["ids"].tolist() == ids
@@ -207,9 +227,13 @@ def test_missing_label_gives_zeros_and_regression_keeps_values():
     df = _frame(20).drop("label")
     assert transform(df, _spec()).get("label").tolist() == [0.0] * 20
     schema = {"rating": "Float32", "user_id": "Int64", "item_id": "Int64"}
-    spec = build_spec({"dataset": "movielens", "schema": schema, "label": "rating"}, FeatureConfig())
-    r = pl.DataFrame({"rating": [4.5, None, 1.0], "user_id": [1, 2, 3], "item_id": [7, 8, 9]},
-                     schema={"rating": pl.Float32, "user_id": pl.Int64, "item_id": pl.Int64})
+    spec = build_spec(
+        {"dataset": "movielens", "schema": schema, "label": "rating"}, FeatureConfig()
+    )
+    r = pl.DataFrame(
+        {"rating": [4.5, None, 1.0], "user_id": [1, 2, 3], "item_id": [7, 8, 9]},
+        schema={"rating": pl.Float32, "user_id": pl.Int64, "item_id": pl.Int64},
+    )
     assert spec.task == "regression" and transform(r, spec)["label"].tolist() == [4.5, 0.0, 1.0]
 
 
@@ -220,15 +244,21 @@ def test_check_schema_names_the_missing_column_and_wrong_type():
     bad = {**SCHEMA, "C1": "Int64"}
     with pytest.raises(UserError, match=r"column 'C1' is Int64 but the feature spec hashes it as"):
         check_schema(bad, spec)
-    check_schema(pa.schema([(k, pa.string()) for k in ("C1",)]
-                           + [("x", pa.int64()), ("I1", pa.int32()),
-                              ("tags", pa.large_list(pa.large_string()))]), spec)
+    check_schema(
+        pa.schema(
+            [(k, pa.string()) for k in ("C1",)]
+            + [("x", pa.int64()), ("I1", pa.int32()), ("tags", pa.large_list(pa.large_string()))]
+        ),
+        spec,
+    )
 
 
 def test_field_seeds_differ_so_equal_values_in_two_fields_get_two_rows():
     schema = {"label": "Int8", "C1": "String", "C2": "String"}
     spec = build_spec({"dataset": "criteo", "schema": schema, "label": "label"}, FeatureConfig())
-    df = pl.DataFrame({"label": [0], "C1": ["same"], "C2": ["same"]},
-                      schema={"label": pl.Int8, "C1": pl.String, "C2": pl.String})
+    df = pl.DataFrame(
+        {"label": [0], "C1": ["same"], "C2": ["same"]},
+        schema={"label": pl.Int8, "C1": pl.String, "C2": pl.String},
+    )
     ids = transform(df, spec)["ids"][0]
     assert ids[0] != ids[1] and field_seed("C1", 0) != field_seed("C2", 0)

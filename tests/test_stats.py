@@ -18,21 +18,31 @@ from ravfm.features.stats import load_frequencies, run_stats
 from ravfm.features.transform import transform
 
 SCHEMA = {"label": "Int8", "C1": "String", "C2": "String", "I1": "Int64", "tags": "List(String)"}
-PL = {"label": pl.Int8, "C1": pl.String, "C2": pl.String, "I1": pl.Int64,
-      "tags": pl.List(pl.String)}
+PL = {
+    "label": pl.Int8,
+    "C1": pl.String,
+    "C2": pl.String,
+    "I1": pl.Int64,
+    "tags": pl.List(pl.String),
+}
 
 
 def _shard(n: int, seed: int, vocab: int = 30) -> pl.DataFrame:
     rng = np.random.default_rng(seed)
     zipf = lambda: int(rng.zipf(1.5)) % vocab  # noqa: E731 - a skewed vocabulary
-    return pl.DataFrame({
-        "label": rng.integers(0, 2, n).tolist(),
-        "C1": [None if rng.random() < 0.1 else f"a{zipf()}" for _ in range(n)],
-        "C2": [f"b{zipf()}" for _ in range(n)],
-        "I1": [None if rng.random() < 0.2 else int(v) for v in rng.integers(-2, 5000, n)],
-        "tags": [None if rng.random() < 0.1 else [f"t{zipf()}" for _ in range(rng.integers(0, 5))]
-                 for _ in range(n)],
-    }, schema=PL)
+    return pl.DataFrame(
+        {
+            "label": rng.integers(0, 2, n).tolist(),
+            "C1": [None if rng.random() < 0.1 else f"a{zipf()}" for _ in range(n)],
+            "C2": [f"b{zipf()}" for _ in range(n)],
+            "I1": [None if rng.random() < 0.2 else int(v) for v in rng.integers(-2, 5000, n)],
+            "tags": [
+                None if rng.random() < 0.1 else [f"t{zipf()}" for _ in range(rng.integers(0, 5))]
+                for _ in range(n)
+            ],
+        },
+        schema=PL,
+    )
 
 
 @pytest.fixture
@@ -40,15 +50,26 @@ def shards(tmp_path):
     """Two train shards and a valid shard whose values never occur in train."""
     d = tmp_path / "shards"
     d.mkdir()
-    frames = {"train-00000.parquet": _shard(700, 1), "train-00001.parquet": _shard(500, 2),
-              "valid-00000.parquet": _shard(100, 3).with_columns(pl.lit("VALID").alias("C2"))}
+    frames = {
+        "train-00000.parquet": _shard(700, 1),
+        "train-00001.parquet": _shard(500, 2),
+        "valid-00000.parquet": _shard(100, 3).with_columns(pl.lit("VALID").alias("C2")),
+    }
     for name, df in frames.items():
         df.write_parquet(d / name)
-    write_index(d, {"format_version": 1, "dataset": "criteo", "schema": SCHEMA, "label": "label",
-                    "shards": [{"path": k, "split": k.split("-")[0], "rows": v.height}
-                               for k, v in frames.items()],
-                    "splits": {"train": {"rows": 1200, "shards": 2},
-                               "valid": {"rows": 100, "shards": 1}}})
+    write_index(
+        d,
+        {
+            "format_version": 1,
+            "dataset": "criteo",
+            "schema": SCHEMA,
+            "label": "label",
+            "shards": [
+                {"path": k, "split": k.split("-")[0], "rows": v.height} for k, v in frames.items()
+            ],
+            "splits": {"train": {"rows": 1200, "shards": 2}, "valid": {"rows": 100, "shards": 1}},
+        },
+    )
     train = pl.concat([frames["train-00000.parquet"], frames["train-00001.parquet"]])
     return d, train
 
@@ -61,7 +82,10 @@ def test_frequencies_equal_python_counter_of_transformed_train(shards, tmp_path,
     d, train = shards
     spec = run_stats(str(d), str(tmp_path / "out"), _cfg())
     line = capsys.readouterr().out
-    assert line.startswith("ravfm stats: 1,200 train rows in 2 shard(s), 4 fields") and line.count("\n") == 1
+    assert (
+        line.startswith("ravfm stats: 1,200 train rows in 2 shard(s), 4 fields")
+        and line.count("\n") == 1
+    )
     assert spec.fields[-1].width == int(train["tags"].list.len().max())  # measured on train
     want = Counter(int(i) for i in transform(train, spec)["ids"].ravel() if i != 0)
     got = load_frequencies(tmp_path / "out", spec.num_rows)
@@ -94,7 +118,9 @@ def test_min_count_folding_matches_python_definition(shards, tmp_path):
     assert {int(r): int(got[r]) for r in np.flatnonzero(got)} == want
     assert sorted(spec.kept_rows.tolist()) == sorted(r for r, n in totals.items() if n >= 5)
     # what training will see under the folded spec is exactly what the table counts
-    seen = Counter(int(i) for i in transform(train, FeatureSpec.load(tmp_path / "mc"))["ids"].ravel() if i)
+    seen = Counter(
+        int(i) for i in transform(train, FeatureSpec.load(tmp_path / "mc"))["ids"].ravel() if i
+    )
     assert dict(seen) == want
     assert any(r == f.oov_row for f in spec.fields for r in want)
 
@@ -117,7 +143,9 @@ def test_errors_come_before_any_work(shards, tmp_path):
     idx = json.loads((d / "_index.json").read_text())
     idx["schema"]["C2"] = "Int64"  # the index disagrees with the dataset schema it claims
     (d / "_index.json").write_text(json.dumps(idx))
-    with pytest.raises(UserError, match=r"column 'C2' is String but the feature spec hashes it as Int64"):
+    with pytest.raises(
+        UserError, match=r"column 'C2' is String but the feature spec hashes it as Int64"
+    ):
         run_stats(str(d), str(out), _cfg())
     assert not out.exists()
 
@@ -134,8 +162,20 @@ def test_cli_stats_writes_spec_and_reports_user_errors(shards, tmp_path, capsys)
     d, _ = shards
     out = tmp_path / "cli"
     # overrides go before --out: argparse cannot resume a nargs="*" positional after an option
-    assert main(["stats", str(d), "hash_bits=12", "fields=[C1, C2, I1, tags]", "min_count=2",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "stats",
+                str(d),
+                "hash_bits=12",
+                "fields=[C1, C2, I1, tags]",
+                "min_count=2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     spec = FeatureSpec.load(out)
     assert spec.hash_bits == 12 and spec.min_count == 2 and spec.kept_rows is not None
     assert main(["stats", str(d), "fields=[nope]", "--out", str(out)]) == 2

@@ -74,7 +74,11 @@ def null_hash(seed: int) -> int:
 
 def xxh3_expr(expr: pl.Expr, seed: int) -> pl.Expr:
     """Polars expression: String column -> UInt64 xxh3_64 hashes, null -> null_hash(seed)."""
-    return plh.NonCryptographicHashingNameSpace(expr).xxh3_64(seed=seed).fill_null(pl.lit(null_hash(seed), pl.UInt64))
+    return (
+        plh.NonCryptographicHashingNameSpace(expr)
+        .xxh3_64(seed=seed)
+        .fill_null(pl.lit(null_hash(seed), pl.UInt64))
+    )
 
 
 def xxh3_strings(values: list[str | None], seed: int) -> np.ndarray:

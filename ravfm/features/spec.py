@@ -33,8 +33,15 @@ from ravfm.data.schemas import MOVIELENS_SIDE, schema_for
 from ravfm.errors import UserError
 from ravfm.features.hashing import HASH_FUNCTION, INT_HASH, field_seed
 
-__all__ = ["FieldSpec", "FeatureSpec", "build_spec", "SPEC_NAME", "KEPT_NAME", "FORMAT_VERSION",
-           "DEFAULT_MULTI_WIDTH"]
+__all__ = [
+    "FieldSpec",
+    "FeatureSpec",
+    "build_spec",
+    "SPEC_NAME",
+    "KEPT_NAME",
+    "FORMAT_VERSION",
+    "DEFAULT_MULTI_WIDTH",
+]
 
 SPEC_NAME = "feature_spec.json"
 KEPT_NAME = "kept_rows.npy"
@@ -110,14 +117,23 @@ class FeatureSpec:
         """Every key that changes a row id or the task, in comparison order."""
         kept = None
         if self.kept_rows is not None:
-            kept = hashlib.sha256(np.ascontiguousarray(self.kept_rows, np.int64).tobytes()).hexdigest()
-        return {"format_version": self.format_version, "dataset": self.dataset, "task": self.task,
-                "hash_function": self.hash_function, "int_hash": self.int_hash,
-                "hash_bits": self.hash_bits, "id_space": self.id_space,
-                "min_count": self.min_count, "num_rows": self.num_rows,
-                "fields": [f.name for f in self.fields],
-                **{f"field {f.name}": dataclasses.asdict(f) for f in self.fields},
-                "kept_rows": kept}
+            kept = hashlib.sha256(
+                np.ascontiguousarray(self.kept_rows, np.int64).tobytes()
+            ).hexdigest()
+        return {
+            "format_version": self.format_version,
+            "dataset": self.dataset,
+            "task": self.task,
+            "hash_function": self.hash_function,
+            "int_hash": self.int_hash,
+            "hash_bits": self.hash_bits,
+            "id_space": self.id_space,
+            "min_count": self.min_count,
+            "num_rows": self.num_rows,
+            "fields": [f.name for f in self.fields],
+            **{f"field {f.name}": dataclasses.asdict(f) for f in self.fields},
+            "kept_rows": kept,
+        }
 
     @property
     def fingerprint(self) -> str:
@@ -133,18 +149,29 @@ class FeatureSpec:
                 if isinstance(x, dict) and isinstance(y, dict):
                     sub = next(k for k in x if x[k] != y.get(k))
                     key, x, y = f"{key} {sub}", x[sub], y.get(sub)
-                raise UserError(f"feature spec mismatch: {key} {_short(x)} != {_short(y)}; use "
-                                "the feature settings of the checkpoint (or retrain from scratch)")
+                raise UserError(
+                    f"feature spec mismatch: {key} {_short(x)} != {_short(y)}; use "
+                    "the feature settings of the checkpoint (or retrain from scratch)"
+                )
 
     # ---- disk ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("fields", "kept_rows")}
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("fields", "kept_rows")
+        }
         out["fields"] = [dataclasses.asdict(f) for f in self.fields]
         out["num_rows"], out["num_fields"] = self.num_rows, self.num_fields
-        out["kept_rows"] = None if self.kept_rows is None else {
-            "file": KEPT_NAME, "count": int(len(self.kept_rows)),
-            "sha256": self._identity()["kept_rows"]}
+        out["kept_rows"] = (
+            None
+            if self.kept_rows is None
+            else {
+                "file": KEPT_NAME,
+                "count": int(len(self.kept_rows)),
+                "sha256": self._identity()["kept_rows"],
+            }
+        )
         out["fingerprint"] = self.fingerprint
         return out
 
@@ -172,8 +199,10 @@ class FeatureSpec:
         except json.JSONDecodeError as e:
             raise UserError(f"{p}: not valid JSON ({e}); re-run `ravfm stats`") from None
         if d.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{p}: format_version {d.get('format_version')!r} is not supported "
-                            f"(this ravfm reads {FORMAT_VERSION}); re-run `ravfm stats`")
+            raise UserError(
+                f"{p}: format_version {d.get('format_version')!r} is not supported "
+                f"(this ravfm reads {FORMAT_VERSION}); re-run `ravfm stats`"
+            )
         kept = None
         if d.get("kept_rows"):
             kp = p.parent / d["kept_rows"]["file"]
@@ -184,9 +213,11 @@ class FeatureSpec:
         names = {f.name for f in dataclasses.fields(cls)} - {"fields", "kept_rows"}
         spec = cls(fields=fields, kept_rows=kept, **{k: d[k] for k in names if k in d})
         if d.get("fingerprint") != spec.fingerprint:
-            raise UserError(f"{p}: fingerprint {d.get('fingerprint')} does not match its content "
-                            f"({spec.fingerprint}); the file or {KEPT_NAME} was edited, re-run "
-                            "`ravfm stats`")
+            raise UserError(
+                f"{p}: fingerprint {d.get('fingerprint')} does not match its content "
+                f"({spec.fingerprint}); the file or {KEPT_NAME} was edited, re-run "
+                "`ravfm stats`"
+            )
         return spec
 
 
@@ -214,13 +245,21 @@ def _hasher(dtype: str, kind: str) -> str:
         return HASH_FUNCTION
     if inner.startswith(("Int", "UInt")):
         return INT_HASH
-    raise UserError(f"column {dtype!r} cannot be hashed as {kind}; features take String or "
-                    "integer columns (numeric fields: integer or float)")
+    raise UserError(
+        f"column {dtype!r} cannot be hashed as {kind}; features take String or "
+        "integer columns (numeric fields: integer or float)"
+    )
 
 
-def build_spec(index: dict, cfg: FeatureConfig, *, task: str | None = None,
-               widths: dict[str, int] | None = None, edges: dict[str, tuple] | None = None,
-               kept_rows: np.ndarray | None = None) -> FeatureSpec:
+def build_spec(
+    index: dict,
+    cfg: FeatureConfig,
+    *,
+    task: str | None = None,
+    widths: dict[str, int] | None = None,
+    edges: dict[str, tuple] | None = None,
+    kept_rows: np.ndarray | None = None,
+) -> FeatureSpec:
     """Spec for the shards described by `index` (`ravfm.data.index.read_index`) under `cfg`.
 
     Fields default to the dataset's feature columns (schemas.py) present in the index's schema;
@@ -230,8 +269,11 @@ def build_spec(index: dict, cfg: FeatureConfig, *, task: str | None = None,
     dataset = index.get("dataset")
     schema = dict(index.get("schema") or {})
     ds = schema_for(dataset)
-    default_kind = {**{c: "categorical" for c in ds.categorical},
-                    **{c: "numeric" for c in ds.numeric}, **{c: "multi" for c in ds.multi}}
+    default_kind = {
+        **{c: "categorical" for c in ds.categorical},
+        **{c: "numeric" for c in ds.numeric},
+        **{c: "multi" for c in ds.multi},
+    }
     if dataset == "movielens":
         default_kind.update({c: "categorical" for c in MOVIELENS_SIDE}, genres="multi")
         default_fields = [c for c in (*ds.categorical, *MOVIELENS_SIDE) if c in schema]
@@ -240,11 +282,15 @@ def build_spec(index: dict, cfg: FeatureConfig, *, task: str | None = None,
     names = list(cfg.fields) or default_fields
     missing = [n for n in names if n not in schema]
     if missing:
-        raise UserError(f"features.fields names {missing[0]!r}, which the shards do not have; "
-                        f"choose from {', '.join(c for c in schema if c != index.get('label'))}")
+        raise UserError(
+            f"features.fields names {missing[0]!r}, which the shards do not have; "
+            f"choose from {', '.join(c for c in schema if c != index.get('label'))}"
+        )
     if not names:
-        raise UserError(f"the {dataset} shards have none of the default feature columns; "
-                        "name them with features.fields=[...]")
+        raise UserError(
+            f"the {dataset} shards have none of the default feature columns; "
+            "name them with features.fields=[...]"
+        )
     if len(set(names)) != len(names):
         raise UserError(f"features.fields={names} repeats a column; list each one once")
     n, bits = len(names), cfg.hash_bits
@@ -253,8 +299,10 @@ def build_spec(index: dict, cfg: FeatureConfig, *, task: str | None = None,
     else:
         block_bits = bits - math.ceil(math.log2(n)) if n > 1 else bits
         if block_bits < 1:
-            raise UserError(f"features.hash_bits={bits} is too small for {n} per-field blocks; "
-                            f"use at least {bits - block_bits + 1} or features.id_space=shared")
+            raise UserError(
+                f"features.hash_bits={bits} is too small for {n} per-field blocks; "
+                f"use at least {bits - block_bits + 1} or features.id_space=shared"
+            )
     hashed_end = 1 + (1 << bits)  # rows [1, hashed_end) are hashed rows in either layout
     out = []
     for i, name in enumerate(names):
@@ -263,20 +311,42 @@ def build_spec(index: dict, cfg: FeatureConfig, *, task: str | None = None,
         bucketiser = cfg.numeric if kind == "numeric" else None
         fe = tuple(float(e) for e in (edges or {}).get(name, ()))
         if bucketiser == "quantile" and not fe:
-            raise UserError(f"features.numeric=quantile needs edges fitted on train for {name}; "
-                            "run `ravfm stats SHARDS --out DIR numeric=quantile`")
-        width = (widths or {}).get(name, DEFAULT_MULTI_WIDTH.get(name, 16)) if kind == "multi" else 1
+            raise UserError(
+                f"features.numeric=quantile needs edges fitted on train for {name}; "
+                "run `ravfm stats SHARDS --out DIR numeric=quantile`"
+            )
+        width = (
+            (widths or {}).get(name, DEFAULT_MULTI_WIDTH.get(name, 16)) if kind == "multi" else 1
+        )
         offset = 1 if cfg.id_space == "shared" else 1 + (i << block_bits)
         value_column = _VALUE_COLUMNS.get(name) if kind == "multi" else None
-        out.append(FieldSpec(name=name, kind=kind, dtype=dtype, hasher=_hasher(dtype, kind),
-                             seed=field_seed(name, cfg.seed), offset=offset,
-                             buckets=1 << block_bits, oov_row=hashed_end + i, width=int(width),
-                             bucketiser=bucketiser, edges=fe,
-                             value_column=value_column if value_column in schema else None))
+        out.append(
+            FieldSpec(
+                name=name,
+                kind=kind,
+                dtype=dtype,
+                hasher=_hasher(dtype, kind),
+                seed=field_seed(name, cfg.seed),
+                offset=offset,
+                buckets=1 << block_bits,
+                oov_row=hashed_end + i,
+                width=int(width),
+                bucketiser=bucketiser,
+                edges=fe,
+                value_column=value_column if value_column in schema else None,
+            )
+        )
     label = index.get("label")
     if task is None:
         task = "regression" if dataset == "movielens" else "binary"
-    return FeatureSpec(dataset=dataset, label=label, task=task, fields=tuple(out), hash_bits=bits,
-                       id_space=cfg.id_space, min_count=cfg.min_count,
-                       versions={"polars": pl.__version__, "polars_hash": polars_hash.__version__},
-                       kept_rows=None if kept_rows is None else np.asarray(kept_rows, np.int64))
+    return FeatureSpec(
+        dataset=dataset,
+        label=label,
+        task=task,
+        fields=tuple(out),
+        hash_bits=bits,
+        id_space=cfg.id_space,
+        min_count=cfg.min_count,
+        versions={"polars": pl.__version__, "polars_hash": polars_hash.__version__},
+        kept_rows=None if kept_rows is None else np.asarray(kept_rows, np.int64),
+    )

@@ -48,7 +48,9 @@ def _shard_schema(path: str) -> pa.Schema:
         with fsspec.open(path, "rb") as fh:
             return pq.ParquetFile(fh).schema_arrow
     except (OSError, pa.ArrowException) as e:
-        raise UserError(f"{path}: cannot read this Parquet shard ({e}); re-run `ravfm convert`") from None
+        raise UserError(
+            f"{path}: cannot read this Parquet shard ({e}); re-run `ravfm convert`"
+        ) from None
 
 
 def count_rows(df: pl.DataFrame, spec: FeatureSpec) -> tuple[np.ndarray, dict[str, int]]:
@@ -75,8 +77,9 @@ def _merge(acc: pl.DataFrame | None, keys: np.ndarray) -> pl.DataFrame:
     return pl.concat([acc, new]).group_by("key").agg(pl.col("count").sum())
 
 
-def _fit_edges(paths: list[str], spec: FeatureSpec, buckets: int, total: int,
-               seed: int) -> dict[str, tuple[float, ...]]:
+def _fit_edges(
+    paths: list[str], spec: FeatureSpec, buckets: int, total: int, seed: int
+) -> dict[str, tuple[float, ...]]:
     names = [f.name for f in spec.fields if f.kind == "numeric"]
     rate = min(1.0, _SAMPLE_ROWS / max(total, 1))
     rng = np.random.default_rng(seed)
@@ -111,7 +114,9 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
         edges = _fit_edges(paths, probe, cfg.quantile_buckets, total, cfg.seed)
     base = build_spec(index, cfg, edges=edges)
     label = index.get("label") if index.get("label") in index["schema"] else None
-    columns = sorted({c for f in base.fields for c in (f.name, f.value_column) if c} | {label} - {None})
+    columns = sorted(
+        {c for f in base.fields for c in (f.name, f.value_column) if c} | {label} - {None}
+    )
     acc, longest, rows_seen, unit_labels = None, {}, 0, True
     for df in _batches(paths, columns):
         keys, lg = count_rows(df, base)
@@ -128,30 +133,39 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
     outp = Path(out)
     spec.save(outp)
     freq.write_parquet(outp / FREQ_NAME)
-    print(f"ravfm stats: {rows_seen:,} train rows in {len(paths)} shard(s), {len(spec.fields)} "
-          f"fields (F={spec.num_fields}), task {spec.task}, {freq.height:,} used rows of "
-          f"N={spec.num_rows:,}, min_count {cfg.min_count} folded {n_folded:,} rows into OOV; "
-          f"wrote {outp / 'feature_spec.json'}")
+    print(
+        f"ravfm stats: {rows_seen:,} train rows in {len(paths)} shard(s), {len(spec.fields)} "
+        f"fields (F={spec.num_fields}), task {spec.task}, {freq.height:,} used rows of "
+        f"N={spec.num_rows:,}, min_count {cfg.min_count} folded {n_folded:,} rows into OOV; "
+        f"wrote {outp / 'feature_spec.json'}"
+    )
     return spec
 
 
-def _fold(acc: pl.DataFrame | None, spec: FeatureSpec) -> tuple[pl.DataFrame, np.ndarray | None, int]:
+def _fold(
+    acc: pl.DataFrame | None, spec: FeatureSpec
+) -> tuple[pl.DataFrame, np.ndarray | None, int]:
     """(frequencies in the final id space, kept rows or None when min_count == 1, #folded)."""
     nf = len(spec.fields)
     empty = pl.DataFrame({"row": [], "count": []}, schema={"row": pl.Int64, "count": pl.Int64})
     if acc is None or acc.height == 0:
         return empty, (None if spec.min_count == 1 else np.zeros(0, np.int64)), 0
-    pairs = acc.select((pl.col("key") // nf).alias("row"), (pl.col("key") % nf).alias("field"),
-                       "count")
+    pairs = acc.select(
+        (pl.col("key") // nf).alias("row"), (pl.col("key") % nf).alias("field"), "count"
+    )
     totals = pairs.group_by("row").agg(pl.col("count").sum())
     if spec.min_count == 1:
         return totals.sort("row"), None, 0
     kept = totals.filter(pl.col("count") >= spec.min_count)
-    oov_of = pl.col("field").replace_strict(list(range(nf)), [f.oov_row for f in spec.fields],
-                                            return_dtype=pl.Int64)
-    folded = (pairs.join(kept.select("row"), on="row", how="anti")
-              .group_by("field").agg(pl.col("count").sum())
-              .select(oov_of.alias("row"), "count"))
+    oov_of = pl.col("field").replace_strict(
+        list(range(nf)), [f.oov_row for f in spec.fields], return_dtype=pl.Int64
+    )
+    folded = (
+        pairs.join(kept.select("row"), on="row", how="anti")
+        .group_by("field")
+        .agg(pl.col("count").sum())
+        .select(oov_of.alias("row"), "count")
+    )
     freq = pl.concat([kept, folded]).filter(pl.col("count") > 0).sort("row")
     kept_rows = np.sort(kept["row"].to_numpy()).astype(np.int64)
     return freq, kept_rows, totals.height - kept.height
@@ -165,8 +179,10 @@ def load_frequencies(out_dir: str | Path, num_rows: int) -> np.ndarray:
     df = pl.read_parquet(p, columns=["row", "count"])
     rows = df["row"].to_numpy()
     if len(rows) and (rows.min() < 0 or rows.max() >= num_rows):
-        raise UserError(f"{p}: row ids reach {rows.max()} but the table has {num_rows} rows; the "
-                        "frequencies belong to another feature spec, re-run `ravfm stats`")
+        raise UserError(
+            f"{p}: row ids reach {rows.max()} but the table has {num_rows} rows; the "
+            "frequencies belong to another feature spec, re-run `ravfm stats`"
+        )
     out = np.zeros(num_rows, np.int64)
     out[rows] = df["count"].to_numpy()
     return out

@@ -29,7 +29,14 @@ from ravfm.features.hashing import (
 )
 from ravfm.features.spec import FeatureSpec, FieldSpec
 
-__all__ = ["transform", "transform_arrow", "check_schema", "field_hashes", "field_ids", "multi_items"]
+__all__ = [
+    "transform",
+    "transform_arrow",
+    "check_schema",
+    "field_hashes",
+    "field_ids",
+    "multi_items",
+]
 
 _STRINGS = ("String", "Utf8", "Categorical", "Enum")
 _INTS = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
@@ -58,13 +65,17 @@ def check_schema(schema: dict | pa.Schema | pl.Schema, spec: FeatureSpec) -> Non
     for f in spec.fields:
         for col in (f.name, f.value_column):
             if col is not None and col not in have:
-                raise UserError(f"the data has no column {col!r}, which the feature spec "
-                                f"({spec.dataset}, fields {', '.join(x.name for x in spec.fields)}) "
-                                "needs; use shards of the same dataset or re-run `ravfm stats`")
+                raise UserError(
+                    f"the data has no column {col!r}, which the feature spec "
+                    f"({spec.dataset}, fields {', '.join(x.name for x in spec.fields)}) "
+                    "needs; use shards of the same dataset or re-run `ravfm stats`"
+                )
         if not _dtype_ok(f, have[f.name]):
-            raise UserError(f"column {f.name!r} is {have[f.name]} but the feature spec hashes it "
-                            f"as {f.dtype} ({f.kind}); use shards converted the same way or "
-                            "re-run `ravfm stats` on these")
+            raise UserError(
+                f"column {f.name!r} is {have[f.name]} but the feature spec hashes it "
+                f"as {f.dtype} ({f.kind}); use shards converted the same way or "
+                "re-run `ravfm stats` on these"
+            )
 
 
 def _pl_dtype(name: str) -> pl.DataType:
@@ -143,8 +154,10 @@ def multi_items(df: pl.DataFrame, f: FieldSpec) -> tuple[np.ndarray, ...]:
         vcol = vcol.combine_chunks() if isinstance(vcol, pa.ChunkedArray) else vcol
         vals = np.asarray(pc.list_flatten(vcol).fill_null(1.0), dtype=np.float32)
         if len(vals) != len(h):
-            raise UserError(f"columns {f.name!r} and {f.value_column!r} hold lists of different "
-                            "lengths; re-convert the libSVM data")
+            raise UserError(
+                f"columns {f.name!r} and {f.value_column!r} hold lists of different "
+                "lengths; re-convert the libSVM data"
+            )
     else:
         vals = (1.0 / np.maximum(lens, 1)).astype(np.float32)[rows]
     if len(null_rows):
@@ -183,7 +196,7 @@ def _put(ids: np.ndarray, cols: list[int], h: np.ndarray, fields: list[FieldSpec
     rows = np.bitwise_and(h, masks, out=h if h.flags.writeable else None).view(np.int64)
     rows += np.array([f.offset for f in fields], np.int64)
     if cols == list(range(cols[0], cols[0] + len(cols))):
-        ids[:, cols[0]:cols[0] + len(cols)] = rows
+        ids[:, cols[0] : cols[0] + len(cols)] = rows
     else:
         ids[:, cols] = rows
 
@@ -216,7 +229,7 @@ def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
     values = np.ones((b, width), np.float32)
     for c, f in zip(starts, spec.fields):
         if f.kind == "multi":
-            ids[:, c:c + f.width], values[:, c:c + f.width] = _multi(df, f, b)
+            ids[:, c : c + f.width], values[:, c : c + f.width] = _multi(df, f, b)
     if spec.kept_mask is not None:
         keep = spec.kept_mask[ids]
         if not keep.all():
