@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from ravfm.data.planted import (
     calibrate_bias,
@@ -147,7 +149,7 @@ def _criteo_chunk(
         if j == 1:  # I2 has small negative values in the real data
             x = np.where(rng.random(n) < 0.05, -rng.integers(1, 4, n), x)
         present = rng.random(n) >= miss
-        cols[name] = pl.Series(name, x).set(pl.Series(~present), None) if miss else x
+        cols[name] = pa.array(x, mask=~present) if miss else pa.array(x)
         coef = np.float32(0.25 * np.sin(1.7 * j + 0.3))
         ws.append(np.where(present, coef * (g - mu) / sd, 0).astype(np.float32))
     a_of = lambda card: 1.05 + 0.25 / (1.0 + np.log10(card))  # noqa: E731 - heavier heads for small fields
@@ -169,8 +171,16 @@ def write_chunks(
     and the oracle to ORACLE_FILE; chunk c + 1 is generated while chunk c is written."""
     oracle = np.lib.format.open_memmap(oracle_file, mode="w+", dtype=np.float32, shape=(rows,))
 
-    def write(c: int, df: pl.DataFrame, p: np.ndarray) -> None:
-        df.write_csv(f, include_header=header and c == 0, separator=separator, quote_style="never")
+    def write(c: int, df: pl.DataFrame | pa.Table, p: np.ndarray) -> None:
+        if isinstance(df, pa.Table):  # no Polars copy: ~15% faster for 40 columns
+            opts = pacsv.WriteOptions(
+                include_header=header and c == 0, delimiter=separator, quoting_style="none"
+            )
+            pacsv.write_csv(df, f, opts)
+        else:
+            df.write_csv(
+                f, include_header=header and c == 0, separator=separator, quote_style="never"
+            )
         oracle[c * CHUNK : c * CHUNK + len(p)] = p
 
     with open(out, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="ravfm-synth") as pool:
@@ -190,12 +200,12 @@ def _synth_criteo(rows: int, out: Path, seed: int) -> None:
     _, z = _criteo_chunk(np.random.default_rng([seed, 1 << 40]), PILOT, keys)
     b0 = calibrate_bias(z, 0.25)
 
-    def make(c: int, n: int) -> tuple[pl.DataFrame, np.ndarray]:
+    def make(c: int, n: int) -> tuple[pa.Table, np.ndarray]:
         rng = np.random.default_rng([seed, c])
         cols, z = _criteo_chunk(rng, n, keys)
         p = sigmoid(z + b0).astype(np.float32)
         label = (rng.random(n) < p).astype(np.int8)
-        return pl.DataFrame({"label": label, **cols}), p
+        return pa.table({"label": pa.array(label), **cols}), p
 
     write_chunks(out, rows, make, oracle_path(out))
 
