@@ -105,11 +105,14 @@ class _Progress(threading.Thread):
                 p = json.loads(self.path.read_text())
             except (OSError, ValueError):
                 continue
-            m = p.get("train_rank0") or (p.get("epoch_done") or {}).get("valid") or {}
-            frac = (p["step"] % max(1, p["steps_per_epoch"])) / max(1, p["steps_per_epoch"])
+            done = p.get("epoch_done")
+            m = (done or {}).get("valid") or p.get("train_rank0") or {}
+            where = "valid" if done else "train"
+            frac = 1.0 if done else min(1.0, p.get("epoch_step", 0) / max(1, p["steps_per_epoch"]))
             line = (f"epoch {p['epoch'] + 1}/{p['epochs']} step {p['step']:,} "
-                    f"({100 * frac:3.0f}% of epoch) {p['samples_per_s']:,.0f} samples/s "
-                    + " ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)))
+                    f"({100 * frac:3.0f}% of epoch) {p['samples_per_s']:,.0f} samples/s {where} "
+                    + " ".join(f"{k} {m[k]:.4f}" for k in ("logloss", "auc", "rmse")
+                               if isinstance(m.get(k), float)))
             if self.tty:
                 sys.stderr.write("\r" + line[:150].ljust(150))
                 sys.stderr.flush()

@@ -56,6 +56,7 @@ class Telemetry:
         local = state.compute()
         write_json_atomic(self.run_dir / "progress.json", {
             "epoch": pos.epoch, "epochs": self.cfg.train.epochs, "step": pos.step,
+            "epoch_step": pos.epoch_samples // max(1, self.cfg.train.batch_size),
             "steps_per_epoch": self.steps_per_epoch, "samples_per_s": sps,
             "train_rank0": {k: v for k, v in local.items() if k in ("logloss", "auc", "rmse")}})
         if self._tb is not None:
