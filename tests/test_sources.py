@@ -177,3 +177,13 @@ def test_movielens_from_a_zip_archive(shared_data, tmp_path):
             z.write(ml / name, f"ml-100k/{name}")
     s = convert("movielens", str(tmp_path / "ml-100k.zip"), tmp_path / "out", split="u1")
     assert s["variant"] == "ml-100k" and s["splits"] == {"train": 80000, "valid": 0, "test": 20000}
+
+
+def test_a_file_that_is_not_the_archive_its_name_says_is_a_user_error(criteo_raw, tmp_path):
+    (tmp_path / "dac.zip").write_bytes(criteo_raw[:5000])
+    with pytest.raises(UserError, match="is it the archive or compression its name says"):
+        convert("criteo", str(tmp_path / "dac.zip"), tmp_path / "out")
+    (tmp_path / "dac.txt.zst").write_bytes(criteo_raw[:5000])
+    with pytest.raises(UserError, match="truncated or not in the compression"):
+        convert("criteo", str(tmp_path / "dac.txt.zst"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

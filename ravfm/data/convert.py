@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tarfile
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -88,11 +90,20 @@ def _split_rule(fmt: str, split: str, ratios: tuple[float, ...], seed: int) -> d
 def _blocks(
     parts: Iterator[tuple[str, IO[bytes], str | None]],
 ) -> Iterator[tuple[str, str | None, bool, bytes]]:
-    for file, stream, fixed in parts:
-        first = True
-        for block in iter_blocks(stream, BLOCK_BYTES):
-            yield file, fixed, first, block
-            first = False
+    """(file, fixed split, first block of its file?, block) over every part, in order."""
+    try:
+        for file, stream, fixed in parts:
+            first = True
+            for block in iter_blocks(stream, BLOCK_BYTES):
+                yield file, fixed, first, block
+                first = False
+    except UserError:
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
+        raise UserError(
+            f"cannot open the source ({type(e).__name__}: {e}); is it the archive "
+            "or compression its name says?"
+        ) from None
 
 
 def _line_parts(files: list) -> Iterator[tuple[str, IO[bytes], str | None]]:

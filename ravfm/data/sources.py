@@ -83,16 +83,21 @@ def resolve(src: str, *, dirs: bool = False) -> list[SourceFile]:
     try:
         if any(c in path for c in _MAGIC):
             paths = sorted(p for p in fs.glob(path) if fs.isfile(p))
-        elif not fs.exists(path):
-            paths = []
-        elif fs.isdir(path):
-            if dirs:
-                return [SourceFile(fs, path, _url(fs, path), None, {})]
-            paths = sorted(p for p in fs.find(path) if _visible(p))
         else:
-            paths = [path]
+            try:
+                info = fs.info(path)  # one call: never lists a URL's page to guess if it is a dir
+            except FileNotFoundError:
+                info = None
+            if info is None:
+                paths = []
+            elif info.get("type") == "directory":
+                if dirs:
+                    return [SourceFile(fs, path, _url(fs, path), None, {})]
+                paths = sorted(p for p in fs.find(path) if _visible(p))
+            else:
+                paths = [path]
         infos = [fs.info(p) for p in paths]
-    except (FileNotFoundError, PermissionError, OSError) as e:
+    except (PermissionError, OSError) as e:
         raise UserError(f"{src}: cannot read the source ({e}); check the path or URL") from None
     if not paths:
         raise UserError(f"{src}: no such file, directory or glob match; check the path or URL")
@@ -152,7 +157,9 @@ def iter_blocks(stream: IO[bytes], block_bytes: int = BLOCK_BYTES) -> Iterator[b
     while True:
         try:
             buf = stream.read(block_bytes)
-        except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any codec, archive or network failure
             raise UserError(
                 f"reading the source failed ({type(e).__name__}: {e}); the file is "
                 "truncated or not in the compression its name says"
