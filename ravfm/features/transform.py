@@ -94,12 +94,14 @@ def _from_numpy(name: str, v: Any, dtype: str | None) -> pl.Series:
 
 
 def _as_polars(batch: Any, spec: FeatureSpec) -> pl.DataFrame:
+    """The columns the spec reads (others are never converted), as a Polars frame."""
+    need = {c for f in spec.fields for c in (f.name, f.value_column) if c} | {spec.label}
     if isinstance(batch, pl.DataFrame):
-        return batch
+        return batch.select([c for c in batch.columns if c in need])
     if isinstance(batch, pa.RecordBatch):
         batch = pa.Table.from_batches([batch])
     if isinstance(batch, pa.Table):
-        return pl.from_arrow(batch)
+        return pl.from_arrow(batch.select([c for c in batch.column_names if c in need]))
     if isinstance(batch, dict):  # Ray Data numpy batches: object arrays for strings and lists
         dtypes = {f.name: f.dtype for f in spec.fields}
         return pl.DataFrame([_from_numpy(k, v, dtypes.get(k)) for k, v in batch.items()])
