@@ -46,11 +46,12 @@ def _source(rows: int) -> tuple[Path, float | None]:
     from ravfm.data.synth import oracle_path, synth
 
     path = _bench_dir() / f"criteo-{rows}-seed0.txt"
-    done = oracle_path(path)
-    if path.exists() and done.exists():
+    done = path.with_suffix(".done")  # written last: an interrupted synth is redone
+    if path.exists() and oracle_path(path).exists() and done.exists():
         return path, None
     t = time.perf_counter()
     synth("criteo", rows, path, seed=0)
+    done.touch()
     return path, time.perf_counter() - t
 
 
