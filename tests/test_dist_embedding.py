@@ -121,3 +121,24 @@ def test_table_factory_makes_each_kind():
         assert t(torch.tensor([[1, 2]])).dtype == torch.float64
     with pytest.raises(ValueError):
         table_factory("dense", w)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "rows"])
+def test_table_bag_gives_the_fm_sums_and_the_same_sparse_gradient(kind):
+    torch.manual_seed(0)
+    ref = SparseTable("t", N, D, INIT, torch.float64)
+    torch.manual_seed(0)
+    t = table_factory(kind, World.single(), torch.float64)("t", N, D, INIT)
+    ids = torch.tensor([[3, 7, 3], [7, 0, 11]])
+    x = torch.tensor([[0.5, 2.0, 1.0], [1.5, 0.0, -1.0]], dtype=torch.float64)
+    rows = ref(ids) * x.unsqueeze(-1)  # (B, F, D) the slow way
+    sums, sq = t.bag(ids, x, squares=True)
+    torch.testing.assert_close(sums, rows.sum(1), rtol=0, atol=1e-14)
+    torch.testing.assert_close(sq, (rows * rows).sum(1), rtol=0, atol=1e-14)
+    ((rows.sum(1) ** 2).sum() + (rows * rows).sum(1)[:, 1:].sum()).backward()
+    ((sums**2).sum() + sq[:, 1:].sum()).backward()
+    g, rg = t.sparse_grad(), ref.sparse_grad()
+    assert torch.equal(g.rows, rg.rows)
+    torch.testing.assert_close(g.grad, rg.grad, rtol=0, atol=1e-13)
+    with torch.no_grad():
+        torch.testing.assert_close(t.bag(ids, x), sums.detach(), rtol=0, atol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ravfm.dist.lookup import coalesce, dedupe, expand
+from ravfm.dist.lookup import bag, coalesce, dedupe, expand
 
 
 def _ids(n: int = 500, hi: int = 60, seed: int = 0) -> torch.Tensor:
@@ -67,3 +67,33 @@ def test_expand_backward_is_the_coalesced_gradient_of_a_gather():
     (ref_rows[d.inv] * w).sum().backward()  # autograd's own index backward
     torch.testing.assert_close(rows.grad, ref_rows.grad, rtol=0, atol=1e-12)
     assert torch.equal(expand(rows.detach(), d), rows.detach()[d.inv])
+
+
+@pytest.mark.parametrize("squares", [False, True])
+def test_bag_matches_field_sums_and_their_gradients(squares):
+    b, f, dim = 6, 4, 3
+    ids = _ids(b * f, 9)
+    d = dedupe(ids)
+    rows = torch.randn(d.uniq.numel(), dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(b * f, dtype=torch.float64, requires_grad=True)
+    out = bag(rows, d, w, f, squares=squares)
+    sums, sq = out if squares else (out, None)
+    ref_rows = rows.detach().clone().requires_grad_()
+    ref_w = w.detach().clone().requires_grad_()
+    r = ref_rows[d.inv].view(b, f, dim)  # the definition: loop-free but literal
+    ref_sums = (ref_w.view(b, f, 1) * r).sum(1)
+    ref_sq = (ref_w.view(b, f, 1) ** 2 * r**2).sum(1)
+    for i in range(b):  # and one example by hand
+        expected = sum(w[i * f + j].item() * rows[d.inv[i * f + j]].detach() for j in range(f))
+        torch.testing.assert_close(sums[i].detach(), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sums, ref_sums, rtol=0, atol=1e-12)
+    g1 = torch.randn(b, dim, dtype=torch.float64)
+    g2 = torch.randn(b, dim, dtype=torch.float64)
+    loss = (sums * g1).sum() + ((sq * g2).sum() if squares else 0)
+    ref_loss = (ref_sums * g1).sum() + ((ref_sq * g2).sum() if squares else 0)
+    if squares:
+        torch.testing.assert_close(sq, ref_sq, rtol=0, atol=1e-12)
+    loss.backward()
+    ref_loss.backward()
+    torch.testing.assert_close(rows.grad, ref_rows.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=0, atol=1e-12)

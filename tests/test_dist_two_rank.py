@@ -74,6 +74,7 @@ def _train_and_compare(world: World, kind: str, sparse: str) -> None:
     ids0, rows0 = model.table.export_rows()
     _close(rows0, ref.table.weight[ids0], "initial rows")
     lo, hi = world.rank * B // 2, (world.rank + 1) * B // 2
+    _check_bag(world, model, ref, _batches()[-1], lo, hi)
     for step, batch in enumerate(_batches()):
         ref_dense.zero_grad()
         dense_opt.zero_grad()
@@ -106,6 +107,21 @@ def _train_and_compare(world: World, kind: str, sparse: str) -> None:
         ref.predict(b.ids, b.values)[lo:hi],
         f"{kind} predict without gradients",
     )
+
+
+def _check_bag(world: World, model: FM, ref: FM, batch: Batch, lo: int, hi: int) -> None:
+    """table.bag on half a batch per rank equals the reference's on the whole batch."""
+    sums, sq = model.table.bag(batch.ids[lo:hi], batch.values[lo:hi], squares=True)
+    ref_sums, ref_sq = ref.table.bag(batch.ids, batch.values, squares=True)
+    _close(sums, ref_sums[lo:hi], "bag sums")
+    _close(sq, ref_sq[lo:hi], "bag squares")
+    ((sums**2).sum() + sq.sum()).div(hi - lo).backward()  # mean over this rank's examples
+    ((ref_sums**2).sum() + ref_sq.sum()).div(B).backward()
+    g, rg = model.table.sparse_grad(), ref.table.sparse_grad()
+    mine = model.table.global_ids(g.rows)
+    _close(g.grad, rg.grad[torch.searchsorted(rg.rows, mine)], "bag grads")
+    model.table.zero_grad()
+    ref.table.zero_grad()
 
 
 def _worker(rank: int, port: int) -> None:

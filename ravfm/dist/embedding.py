@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ravfm.dist.lookup import coalesce, dedupe, expand
+from ravfm.dist.lookup import Dedup, bag, coalesce, dedupe, expand
 from ravfm.dist.rows import LocalRows, SparseGrad
 from ravfm.dist.world import World
 from ravfm.model.layers import Init, PlainTable, TableFactory
@@ -45,6 +45,13 @@ class SparseTable(LocalRows):
     def forward(self, ids: Tensor) -> Tensor:
         """ids (...,) int64 in [0, num_rows) -> rows (..., dim)."""
         return self._lookup(ids.reshape(-1)).view(*ids.shape, self.dim)
+
+    def bag(self, ids: Tensor, weights: Tensor, squares: bool = False):
+        """ids, weights (B, F) -> sums[b] = sum_f weights[b, f] * row(ids[b, f]) (B, dim), and
+        with squares=True also sum_f weights^2 * row^2 (B, dim); see ravfm.dist.lookup.bag.
+        The FM terms without the (B, F, dim) rows: linear = sums[:, 0], pairwise =
+        0.5 * (|sums[:, 1:]|^2 - sq[:, 1:].sum(1))."""
+        return self._bag(ids.reshape(-1), weights, ids.shape[-1], squares)
 
     def sparse_grad(self) -> SparseGrad | None:
         w = self.world
@@ -105,30 +112,42 @@ class RowShardedTable(LocalRows):
         )
         self.world = world
 
-    def forward(self, ids: Tensor) -> Tensor:
-        """ids (...,) int64 in [0, num_rows) -> rows (..., dim)."""
-        w, flat = self.world, ids.reshape(-1)
-        if w.size == 1:
-            return self._lookup(flat).view(*ids.shape, self.dim)
-        span = (self.num_rows + w.size - 1) // w.size  # local rows of rank 0 (the most)
-        keys = (flat % w.size) * span + flat // w.size  # sorts by owner, then local index
+    def _route(self, flat: Tensor) -> tuple[Tensor, Dedup]:
+        """flat (M,) global ids -> (their unique rows (U, dim), Dedup of the owner-sorted keys)."""
+        w = self.world
         if flat.numel():
             lo, hi = torch.aminmax(flat)
             if int(lo) < 0 or int(hi) >= self.num_rows:
                 raise IndexError(f"table {self.name}: ids must be in [0, {self.num_rows})")
-        d = dedupe(keys)
-        bounds = torch.arange(w.size + 1, device=keys.device) * span
+        span = (self.num_rows + w.size - 1) // w.size  # local rows of rank 0 (the most)
+        d = dedupe((flat % w.size) * span + flat // w.size)  # keys sort by owner, then local
+        bounds = torch.arange(w.size + 1, device=flat.device) * span
         send_counts = torch.searchsorted(d.uniq, bounds).diff()  # (W,) unique ids per owner
         recv_counts = w.exchange_counts(send_counts.to(w.device))
         send, recv = send_counts.tolist(), recv_counts.tolist()
         local = d.uniq % span  # (U,) local index on the owner
-        wanted = w.exchange(local.to(w.device), send, recv).to(self.weight.device)  # (R,)
-        rows = self._lookup(wanted)  # (R, dim) owner side
+        wanted = w.exchange(local.to(w.device), send, recv).to(self.storage.device)  # (R,)
+        rows, d_owner = self._unique_rows(wanted)  # owner side: R requests, U' unique rows
+        rows = expand(rows, d_owner)  # (R, dim)
         if rows.requires_grad:
             back = _Route.apply(rows, w, recv, send)
         else:
             back = w.exchange(rows, recv, send)
-        return expand(back.to(ids.device), d).view(*ids.shape, self.dim)
+        return back.to(flat.device), d
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """ids (...,) int64 in [0, num_rows) -> rows (..., dim)."""
+        flat = ids.reshape(-1)
+        if self.world.size == 1:
+            return self._lookup(flat).view(*ids.shape, self.dim)
+        return expand(*self._route(flat)).view(*ids.shape, self.dim)
+
+    def bag(self, ids: Tensor, weights: Tensor, squares: bool = False):
+        """ids, weights (B, F) -> field sums (B, dim) [and sums of squares]; as SparseTable.bag."""
+        flat = ids.reshape(-1)
+        if self.world.size == 1:
+            return self._bag(flat, weights, ids.shape[-1], squares)
+        return bag(*self._route(flat), weights, ids.shape[-1], squares)
 
 
 def table_factory(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Dedup", "dedupe", "expand", "coalesce"]
+__all__ = ["Dedup", "dedupe", "expand", "bag", "coalesce"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -88,6 +88,63 @@ def expand(rows: Tensor, d: Dedup) -> Tensor:
     if rows.requires_grad:
         return _Expand.apply(rows, d)
     return rows.index_select(0, d.inv)
+
+
+def _bag_sum(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+    """out[j] = sum of weights[i] * table[index[i]] over i in bag j (bags start at offsets)."""
+    return F.embedding_bag(
+        index, table.contiguous(), offsets, mode="sum", per_sample_weights=weights
+    )
+
+
+class _Bag(torch.autograd.Function):
+    """Per-example weighted sums of unique rows, and of their squares; the backward is again a
+    bag, over the (B, D) output gradients, so no (M, D) tensor exists in either pass."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, d: Dedup, weights: Tensor, fields: int, squares: bool):  # type: ignore[override]
+        offsets = torch.arange(0, weights.shape[0], fields, device=weights.device)
+        sums = _bag_sum(d.inv, rows, offsets, weights)  # (B, D)
+        sq = (
+            _bag_sum(d.inv, rows * rows, offsets, weights * weights)
+            if squares
+            else sums.new_zeros(sums.shape[0], 0)
+        )
+        ctx.save_for_backward(rows, weights)
+        ctx.d, ctx.fields, ctx.squares = d, fields, squares
+        return sums, sq
+
+    @staticmethod
+    def backward(ctx, g_sums: Tensor | None, g_sq: Tensor | None):  # type: ignore[override]
+        rows, weights = ctx.saved_tensors
+        d, fields = ctx.d, ctx.fields
+        example = d.perm // fields  # (M,) the example of each position, in sorted-id order
+        w_sorted = weights.index_select(0, d.perm)
+        starts = d.crow[:-1]
+        grad = torch.zeros_like(rows)
+        if g_sums is not None:
+            grad += _bag_sum(example, g_sums, starts, w_sorted)  # sum_m w_m g[b(m)]
+        if ctx.squares and g_sq is not None:
+            grad += _bag_sum(example, g_sq, starts, w_sorted * w_sorted).mul_(rows).mul_(2)
+        grad_w = None
+        if ctx.needs_input_grad[2]:  # values that require grad (rare): one (M, D) pass
+            r = rows.index_select(0, d.inv)  # (M, D)
+            grad_w = torch.zeros_like(weights)
+            if g_sums is not None:
+                grad_w += (r * g_sums.repeat_interleave(fields, 0)).sum(1)
+            if ctx.squares and g_sq is not None:
+                grad_w += 2 * weights * (r * r * g_sq.repeat_interleave(fields, 0)).sum(1)
+        return grad, None, grad_w, None, None
+
+
+def bag(rows: Tensor, d: Dedup, weights: Tensor, fields: int,
+        squares: bool = False) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
+    """FM-style field sums over unique rows (U, D) with ids == uniq[d.inv], M = B * fields:
+    sums[b] = sum_f w[b, f] row[b, f] (B, D), and with squares=True also
+    sq[b] = sum_f w[b, f]^2 row[b, f]^2 (B, D), elementwise. weights: (M,) = (B, fields) flat.
+    Differentiable in rows (a coalesced (U, D) gradient) and weights."""
+    sums, sq = _Bag.apply(rows, d, weights.reshape(-1).to(rows.dtype), fields, squares)
+    return (sums, sq) if squares else sums
 
 
 def coalesce(ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

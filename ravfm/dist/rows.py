@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ravfm.dist.lookup import Dedup, coalesce, dedupe
+from ravfm.dist.lookup import Dedup, bag, coalesce, dedupe, expand
 from ravfm.model.layers import Init
 
 __all__ = ["SparseGrad", "LocalRows"]
@@ -60,22 +60,20 @@ def _owned_rows_init(
     return out
 
 
-class _Lookup(torch.autograd.Function):
-    """anchor (0,) requiring grad; gathers storage[d.uniq] and expands the weights to (M, dim).
-
-    backward passes the coalesced (U, dim) gradient to `sink` and returns no gradient, so no
-    dense or (M, dim) gradient is ever kept on a tensor."""
+class _Gather(torch.autograd.Function):
+    """anchor (0,) requiring grad -> the weights of rows d.uniq (U, dim), gathered with their
+    state; backward hands the (U, dim) gradient to `sink` and returns none, so no gradient is
+    ever kept on a table-sized tensor."""
 
     @staticmethod
     def forward(ctx, anchor: Tensor, storage: Tensor, dim: int, d: Dedup, sink: Callable) -> Tensor:  # type: ignore[override]
         packed = storage.index_select(0, d.uniq)  # (U, dim + S)
-        rows = packed if packed.shape[1] == dim else packed[:, :dim].contiguous()  # (U, dim)
         ctx.d, ctx.packed, ctx.sink = d, packed, sink
-        return rows.index_select(0, d.inv)
+        return packed if packed.shape[1] == dim else packed[:, :dim].contiguous()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, ...]:  # type: ignore[override]
-        ctx.sink(SparseGrad(ctx.d.uniq, ctx.d.sum_rows(grad), ctx.packed))
+        ctx.sink(SparseGrad(ctx.d.uniq, grad, ctx.packed))
         return None, None, None, None, None
 
 
@@ -124,12 +122,20 @@ class LocalRows(nn.Module):
         """Write packed rows (U, dim + S) back to local rows (U,)."""
         self.storage.index_copy_(0, rows, packed)
 
+    def _unique_rows(self, local: Tensor) -> tuple[Tensor, Dedup]:
+        """local (M,) indices -> (rows (U, dim) of the unique indices, Dedup); the rows are
+        differentiable into this table's sparse gradient when gradients are enabled."""
+        d = dedupe(local)
+        if not torch.is_grad_enabled():
+            return self.weight.index_select(0, d.uniq), d
+        anchor = torch.empty(0, device=self.storage.device, requires_grad=True)
+        return _Gather.apply(anchor, self.storage, self.dim, d, self._grads.append), d
+
     def _lookup(self, local: Tensor) -> Tensor:
-        """local (M,) indices -> (M, dim), differentiable into this table's sparse gradient."""
+        """local (M,) indices -> (M, dim)."""
         if not torch.is_grad_enabled():
             return self.weight.index_select(0, local)
-        anchor = torch.empty(0, device=self.storage.device, requires_grad=True)
-        return _Lookup.apply(anchor, self.storage, self.dim, dedupe(local), self._grads.append)
+        return expand(*self._unique_rows(local))
 
     def _local_grad(self) -> SparseGrad | None:
         """This rank's gradients since the last step, coalesced (U unique ascending rows)."""
@@ -139,6 +145,11 @@ class LocalRows(nn.Module):
             torch.cat([g.rows for g in self._grads]), torch.cat([g.grad for g in self._grads])
         )
         return SparseGrad(rows, grad)
+
+    def _bag(self, local: Tensor, weights: Tensor, fields: int, squares: bool):
+        """local, weights (B * fields,) -> ravfm.dist.lookup.bag of the rows."""
+        rows, d = self._unique_rows(local)
+        return bag(rows, d, weights, fields, squares)
 
     def sparse_grad(self) -> SparseGrad | None:
         """The gradient an optimizer applies to this rank's rows; None if no row was touched."""
