@@ -61,6 +61,9 @@ class _SplitWriter:
                     compression="zstd",
                     compression_level=1,
                     write_statistics=self.stats,
+                    # No embedded Arrow schema: readers see plain `string`, not Polars'
+                    # string_view, which Ray Data's block pickling and older readers reject.
+                    store_schema=False,
                 )
                 self.shards.append({"path": name, "split": self.split, "rows": 0})
                 self.in_shard = 0
