@@ -29,6 +29,7 @@ from ravfm.dist.embedding import RowShardedTable, table_factory
 from ravfm.dist.optim import SparseAdagrad, build_optimizers
 from ravfm.dist.world import World
 from ravfm.model.fm import FM, fm_init
+from ravfm.model.losses import data_loss
 
 __all__ = [
     "criteo_like_batches",
@@ -77,6 +78,20 @@ class _BaselineFM(nn.Module):
         return self.bias + x[..., 0].sum(1) + 0.5 * ((s * s).sum(1) - (v * v).sum((1, 2)))
 
 
+class _BagFM(FM):
+    """ravfm's FM with its terms from table.bag: the change proposed for ravfm.model.fm (same
+    outputs; the (B, F, K+1) rows are never built)."""
+
+    def forward(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        sums, sq = self.table.bag(ids, values, squares=True)  # (B, K+1) each
+        s = sums[:, 1:]
+        return self.bias + sums[:, 0] + 0.5 * ((s * s).sum(1) - sq[:, 1:].sum(1))
+
+    def loss(self, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.forward(batch.ids, batch.values)
+        return data_loss(raw, batch.label, task), raw
+
+
 def _timed(step: Callable[[Batch], None], batches: list[Batch], steps: int) -> float:
     """Samples/s of `steps` calls (after one warm-up call) cycling over `batches`."""
     step(batches[0])
@@ -102,9 +117,10 @@ def _baseline_step(num_rows: int, k: int, device: str) -> Callable[[Batch], None
 
 
 def _bare_step(
-    num_rows: int, k: int, device: str, sparse: str, rowwise: bool
+    num_rows: int, k: int, device: str, sparse: str, rowwise: bool, use_bag: bool = False
 ) -> Callable[[Batch], None]:
-    model = FM(
+    cls = _BagFM if use_bag else FM
+    model = cls(
         num_rows, k, make_table=table_factory("sparse", World.single(device), device=device)
     ).to(device)
     opt, dense = build_optimizers(model, OptimConfig(sparse=sparse, lr=0.05))
@@ -146,9 +162,12 @@ def bare_step_sps(
     device: str = "cpu",
     sparse: str = "adagrad",
     rowwise: bool = False,
+    use_bag: bool = False,
 ) -> float:
-    """Samples/s of ravfm's bare step: FM on a SparseTable + fused sparse optimizer."""
-    return _timed(_bare_step(num_rows, k, device, sparse, rowwise), _on(batches, device), steps)
+    """Samples/s of ravfm's bare step: FM on a SparseTable + fused sparse optimizer (use_bag:
+    the FM computes its terms with table.bag)."""
+    step = _bare_step(num_rows, k, device, sparse, rowwise, use_bag)
+    return _timed(step, _on(batches, device), steps)
 
 
 def sharded_memory(num_rows: int = NUM_ROWS, dim: int = K + 1, world_size: int = 2) -> dict:

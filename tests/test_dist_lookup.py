@@ -97,3 +97,24 @@ def test_bag_matches_field_sums_and_their_gradients(squares):
     ref_loss.backward()
     torch.testing.assert_close(rows.grad, ref_rows.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(w.grad, ref_w.grad, rtol=0, atol=1e-12)
+
+
+def test_bag_with_binary_weights_takes_the_fused_path_and_agrees():
+    b, f, dim = 5, 3, 4
+    ids = _ids(b * f, 7, seed=2)
+    d = dedupe(ids)
+    rows = torch.randn(d.uniq.numel(), dim, dtype=torch.float64, requires_grad=True)
+    w = (torch.arange(b * f) % 3 != 0).double()  # 0/1: one bag over [rows, rows^2]
+    sums, sq = bag(rows, d, w, f, squares=True)
+    ref_rows = rows.detach().clone().requires_grad_()
+    r = ref_rows[d.inv].view(b, f, dim) * w.view(b, f, 1)
+    torch.testing.assert_close(sums, r.sum(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sq, (r * r).sum(1), rtol=0, atol=1e-12)
+    g1, g2 = torch.randn(b, dim, dtype=torch.float64), torch.randn(b, dim, dtype=torch.float64)
+    ((sums * g1).sum() + (sq * g2).sum()).backward()
+    ((r.sum(1) * g1).sum() + ((r * r).sum(1) * g2).sum()).backward()
+    torch.testing.assert_close(rows.grad, ref_rows.grad, rtol=0, atol=1e-12)
+    rows.grad = None
+    bag(rows, d, w, f, squares=True)[1].sum().backward()  # no gradient reaches the sums
+    hits = torch.zeros(d.uniq.numel(), dtype=torch.float64).index_add_(0, d.inv, w)
+    torch.testing.assert_close(rows.grad, 2 * rows.detach() * hits[:, None], rtol=0, atol=1e-12)

@@ -104,37 +104,50 @@ class _Bag(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: Tensor, d: Dedup, weights: Tensor, fields: int, squares: bool):  # type: ignore[override]
         offsets = torch.arange(0, weights.shape[0], fields, device=weights.device)
-        sums = _bag_sum(d.inv, rows, offsets, weights)  # (B, D)
-        sq = (
-            _bag_sum(d.inv, rows * rows, offsets, weights * weights)
-            if squares
-            else sums.new_zeros(sums.shape[0], 0)
-        )
+        # 0/1 weights (one-hot and padded fields) have w^2 = w: one bag over [rows, rows^2]
+        binary = squares and bool(((weights == 0) | (weights == 1)).all())
+        if binary:
+            both = _bag_sum(d.inv, torch.cat([rows, rows * rows], 1), offsets, weights)
+            sums, sq = both[:, : rows.shape[1]].contiguous(), both[:, rows.shape[1] :].contiguous()
+        else:
+            sums = _bag_sum(d.inv, rows, offsets, weights)  # (B, D)
+            sq = _bag_sum(d.inv, rows * rows, offsets, weights * weights) if squares else None
         ctx.save_for_backward(rows, weights)
-        ctx.d, ctx.fields, ctx.squares = d, fields, squares
-        return sums, sq
+        ctx.d, ctx.fields, ctx.squares, ctx.binary = d, fields, squares, binary
+        return sums, sq if sq is not None else sums.new_zeros(sums.shape[0], 0)
 
     @staticmethod
     def backward(ctx, g_sums: Tensor | None, g_sq: Tensor | None):  # type: ignore[override]
         rows, weights = ctx.saved_tensors
-        d, fields = ctx.d, ctx.fields
+        d, fields, dim = ctx.d, ctx.fields, rows.shape[1]
         example = d.perm // fields  # (M,) the example of each position, in sorted-id order
         w_sorted = weights.index_select(0, d.perm)
         starts = d.crow[:-1]
-        grad = torch.zeros_like(rows)
-        if g_sums is not None:
-            grad += _bag_sum(example, g_sums, starts, w_sorted)  # sum_m w_m g[b(m)]
-        if ctx.squares and g_sq is not None:
-            grad += _bag_sum(example, g_sq, starts, w_sorted * w_sorted).mul_(rows).mul_(2)
+        g_sums = g_sums if g_sums is not None else rows.new_zeros(0, dim)  # absent: (0, D)
+        has_sq = ctx.squares and g_sq is not None
+        if has_sq and ctx.binary:  # sum_m w_m [g, g_sq][b(m)] in one bag
+            both = _bag_sum(example, torch.cat([_or_zeros(g_sums, g_sq), g_sq], 1), starts,
+                            w_sorted)  # fmt: skip
+            grad = both[:, :dim].addcmul_(both[:, dim:], rows, value=2)
+        else:
+            grad = rows.new_zeros(rows.shape)
+            if g_sums.numel():
+                grad += _bag_sum(example, g_sums, starts, w_sorted)  # sum_m w_m g[b(m)]
+            if has_sq:
+                grad += _bag_sum(example, g_sq, starts, w_sorted * w_sorted).mul_(rows).mul_(2)
         grad_w = None
         if ctx.needs_input_grad[2]:  # values that require grad (rare): one (M, D) pass
             r = rows.index_select(0, d.inv)  # (M, D)
             grad_w = torch.zeros_like(weights)
-            if g_sums is not None:
+            if g_sums.numel():
                 grad_w += (r * g_sums.repeat_interleave(fields, 0)).sum(1)
-            if ctx.squares and g_sq is not None:
+            if has_sq:
                 grad_w += 2 * weights * (r * r * g_sq.repeat_interleave(fields, 0)).sum(1)
         return grad, None, grad_w, None, None
+
+
+def _or_zeros(g: Tensor, like: Tensor) -> Tensor:
+    return g if g.numel() else torch.zeros_like(like)
 
 
 def bag(rows: Tensor, d: Dedup, weights: Tensor, fields: int,

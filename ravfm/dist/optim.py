@@ -208,12 +208,14 @@ class SparseAdagrad(SparseOptimizer):
         return [("sum", 1 if self.rowwise else dim, self.initial)]
 
     def _update(self, w: Tensor, g: Tensor, state: dict[str, Tensor]) -> None:
-        s = state["sum"]  # (U, dim) or (U, 1)
+        s = state["sum"]  # (U, dim) or (U, 1), strided views into the packed rows
         if self.rowwise:
-            s.add_(g.square().mean(dim=1, keepdim=True))
+            std = s.add_(g.square().mean(dim=1, keepdim=True)).sqrt().add_(self.eps)
         else:
-            s.addcmul_(g, g)
-        w.addcdiv_(g, s.sqrt().add_(self.eps), value=-self.lr)
+            new = torch.addcmul(s, g, g)  # contiguous: math on strided views is slow on CPU
+            s.copy_(new)
+            std = new.sqrt_().add_(self.eps)
+        w.addcdiv_(g, std, value=-self.lr)
 
 
 class SparseAdam(SparseOptimizer):
@@ -236,12 +238,14 @@ class SparseAdam(SparseOptimizer):
     def _update(self, w: Tensor, g: Tensor, state: dict[str, Tensor]) -> None:
         b1, b2 = self.betas
         t = state["step"].add_(1)  # (U, 1)
-        m = state["exp_avg"].lerp_(g, 1 - b1)  # (U, dim)
-        v = state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        m = torch.lerp(state["exp_avg"], g, 1 - b1)  # (U, dim), contiguous
+        v = torch.addcmul(state["exp_avg_sq"] * b2, g, g, value=1 - b2)
+        state["exp_avg"].copy_(m)
+        state["exp_avg_sq"].copy_(v)
         bc1 = 1 - torch.pow(b1, t)
         bc2_sqrt = (1 - torch.pow(b2, t)).sqrt_()
-        denom = v.sqrt().div_(bc2_sqrt).add_(self.eps)
-        w.sub_((m / denom).mul_(self.lr / bc1))
+        denom = v.sqrt_().div_(bc2_sqrt).add_(self.eps)
+        w.sub_(m.div_(denom).mul_(self.lr / bc1))
 
 
 def _tables(model: nn.Module) -> dict[str, nn.Module]:

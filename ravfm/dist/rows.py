@@ -120,7 +120,10 @@ class LocalRows(nn.Module):
 
     def scatter(self, rows: Tensor, packed: Tensor) -> None:
         """Write packed rows (U, dim + S) back to local rows (U,)."""
-        self.storage.index_copy_(0, rows, packed)
+        dst, src = self.storage, packed.contiguous()
+        if dst.element_size() == 4 and dst.shape[1] % 2 == 0:
+            dst, src = dst.view(torch.float64), src.view(torch.float64)  # same bits, half the
+        dst.index_copy_(0, rows, src)  # elements: index_copy_ costs per element on CPU
 
     def _unique_rows(self, local: Tensor) -> tuple[Tensor, Dedup]:
         """local (M,) indices -> (rows (U, dim) of the unique indices, Dedup); the rows are
