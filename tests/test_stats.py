@@ -13,6 +13,7 @@ from ravfm.cli import main
 from ravfm.config import FeatureConfig
 from ravfm.data.index import write_index
 from ravfm.errors import UserError
+from ravfm.features import stats
 from ravfm.features.spec import FeatureSpec
 from ravfm.features.stats import load_frequencies, run_stats
 from ravfm.features.transform import transform
@@ -78,8 +79,14 @@ def _cfg(**kw) -> FeatureConfig:
     return FeatureConfig(hash_bits=kw.pop("hash_bits", 10), fields=("C1", "C2", "I1", "tags"), **kw)
 
 
-def test_frequencies_equal_python_counter_of_transformed_train(shards, tmp_path, capsys):
+@pytest.mark.parametrize("small_batches", [False, True])
+def test_frequencies_equal_python_counter_of_transformed_train(
+    shards, tmp_path, capsys, monkeypatch, small_batches
+):
     d, train = shards
+    if small_batches:  # many batches, merged many times: the streaming path end to end
+        monkeypatch.setattr(stats, "_BATCH", 97)
+        monkeypatch.setattr(stats, "_MERGE_ROWS", 50)
     spec = run_stats(str(d), str(tmp_path / "out"), _cfg())
     line = capsys.readouterr().out
     assert (

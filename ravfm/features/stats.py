@@ -33,6 +33,7 @@ FREQ_NAME = "frequencies.parquet"
 MAX_MULTI_WIDTH = 256  # longer lists keep their first 256 items (in counts and in transform)
 _SAMPLE_ROWS = 1_000_000  # quantile edges are fitted on at most this many train values
 _BATCH = 65536
+_MERGE_ROWS = 1 << 21  # partial counts held before a merge (at least the merged table's size)
 
 
 def _batches(paths: list[str], columns: list[str]) -> Iterator[pl.DataFrame]:
@@ -70,11 +71,33 @@ def count_rows(df: pl.DataFrame, spec: FeatureSpec) -> tuple[np.ndarray, dict[st
     return np.concatenate(keys), longest
 
 
-def _merge(acc: pl.DataFrame | None, keys: np.ndarray) -> pl.DataFrame:
-    new = pl.DataFrame({"key": keys}).group_by("key").agg(pl.len().cast(pl.Int64).alias("count"))
-    if acc is None:
-        return new
-    return pl.concat([acc, new]).group_by("key").agg(pl.col("count").sum())
+class _PairCounts:
+    """Running counts of (field, row) keys: per-batch counts, merged when they pile up.
+
+    Merging only once the pending partial counts outgrow the merged table keeps the total
+    work near-linear in the data, and memory near the number of distinct keys.
+    """
+
+    def __init__(self) -> None:
+        self.merged = pl.DataFrame(schema={"key": pl.Int64, "count": pl.Int64})
+        self.pending: list[pl.DataFrame] = []
+        self.pending_rows = 0
+
+    def add(self, keys: np.ndarray) -> None:
+        part = (
+            pl.DataFrame({"key": keys}).group_by("key").agg(pl.len().cast(pl.Int64).alias("count"))
+        )
+        self.pending.append(part)
+        self.pending_rows += part.height
+        if self.pending_rows >= max(self.merged.height, _MERGE_ROWS):
+            self.collect()
+
+    def collect(self) -> pl.DataFrame:
+        if self.pending:
+            parts = pl.concat([self.merged, *self.pending])
+            self.merged = parts.group_by("key").agg(pl.col("count").sum())
+            self.pending, self.pending_rows = [], 0
+        return self.merged
 
 
 def _fit_edges(
@@ -117,10 +140,10 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
     columns = sorted(
         {c for f in base.fields for c in (f.name, f.value_column) if c} | {label} - {None}
     )
-    acc, longest, rows_seen, unit_labels = None, {}, 0, True
+    counts, longest, rows_seen, unit_labels = _PairCounts(), {}, 0, True
     for df in _batches(paths, columns):
         keys, lg = count_rows(df, base)
-        acc = _merge(acc, keys)
+        counts.add(keys)
         longest = {k: max(v, longest.get(k, 0)) for k, v in lg.items()}
         rows_seen += df.height
         if label is not None:
@@ -128,7 +151,7 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
     # libSVM/libFM files hold either click labels (-1/+1, 0/1) or ratings: tell them apart.
     task = None if index.get("dataset") != "libsvm" else ("binary" if unit_labels else "regression")
     widths = {k: max(1, min(v, MAX_MULTI_WIDTH)) for k, v in longest.items()}
-    freq, kept, n_folded = _fold(acc, base)
+    freq, kept, n_folded = _fold(counts.collect(), base)
     spec = build_spec(index, cfg, task=task, edges=edges, widths=widths, kept_rows=kept)
     outp = Path(out)
     spec.save(outp)
@@ -142,13 +165,11 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
     return spec
 
 
-def _fold(
-    acc: pl.DataFrame | None, spec: FeatureSpec
-) -> tuple[pl.DataFrame, np.ndarray | None, int]:
+def _fold(acc: pl.DataFrame, spec: FeatureSpec) -> tuple[pl.DataFrame, np.ndarray | None, int]:
     """(frequencies in the final id space, kept rows or None when min_count == 1, #folded)."""
     nf = len(spec.fields)
     empty = pl.DataFrame({"row": [], "count": []}, schema={"row": pl.Int64, "count": pl.Int64})
-    if acc is None or acc.height == 0:
+    if acc.height == 0:
         return empty, (None if spec.min_count == 1 else np.zeros(0, np.int64)), 0
     pairs = acc.select(
         (pl.col("key") // nf).alias("row"), (pl.col("key") % nf).alias("field"), "count"
