@@ -29,7 +29,7 @@ def _cfg(tmp, shared_data, name, *extra):
         f"data.source={shared_data / 'criteo' / 'dac_sample_8k.txt'}", f"data.shards={tmp / 'shards'}",
         "data.rows_per_shard=2000", "features.hash_bits=16", "model.k=8", "train.epochs=1",
         "train.batch_size=256", "train.eval_batch_size=2048", "train.num_workers=2",
-        "train.cpus_per_worker=0.5", "embedding.sharding=rows", "optim.lr=0.1", *extra])
+        "train.cpus_per_worker=0.5", "embedding.sharding=rows", "optim.lr=0.05", *extra])
 
 
 def test_two_workers_train_report_checkpoint_and_resume_on_one(ray_local, tmp_path, shared_data):
