@@ -293,3 +293,11 @@ def test_interrupted_conversion_leaves_nothing_behind(shared_data, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         convert("criteo", str(shared_data / "criteo" / "dac_sample_8k.txt"), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_read_back_as_plain_arrow_types_for_any_reader(shared_data, tmp_path):
+    convert("movielens", str(shared_data / "movielens" / "ml-100k"), tmp_path / "out")
+    schema = pq.read_schema(split_paths(tmp_path / "out", "train")[0])
+    assert str(schema.field("gender").type) == "string"  # not string_view
+    assert str(schema.field("genres").type) == "list<element: string>"  # not large_list
+    assert str(schema.field("age").type) == "int16" and str(schema.field("rating").type) == "float"
