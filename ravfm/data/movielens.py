@@ -184,9 +184,8 @@ class MovieLens:
             )
         else:
             users = None
-            items = pl.read_csv(
-                self._read("movies.csv"),
-                schema={"item_id": pl.Int64, "title": pl.String, "genres": pl.String},
+            items = pl.read_csv(self._read("movies.csv"), infer_schema=False).select(
+                pl.col("movieId").cast(pl.Int64).alias("item_id"), "title", "genres"
             )
         items = items.select(
             "item_id",
