@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,9 +27,10 @@ from torch import nn
 from bench._common import RESULTS, table, write_result
 from ravfm.batch import Batch
 from ravfm.config import OptimConfig
-from ravfm.dist.embedding import RowShardedTable, table_factory
+from ravfm.dist.dense import all_reduce_dense_grads
+from ravfm.dist.embedding import table_factory
 from ravfm.dist.optim import SparseAdagrad, build_optimizers
-from ravfm.dist.world import World
+from ravfm.dist.world import World, free_port
 from ravfm.model.fm import FM, fm_init
 from ravfm.model.losses import data_loss
 
@@ -92,13 +95,25 @@ class _BagFM(FM):
         return data_loss(raw, batch.label, task), raw
 
 
-def _timed(step: Callable[[Batch], None], batches: list[Batch], steps: int) -> float:
-    """Samples/s of `steps` calls (after one warm-up call) cycling over `batches`."""
+def _measure(
+    step: Callable[[Batch], None], batches: list[Batch], steps: int
+) -> tuple[float, float]:
+    """(samples per wall second, samples per process CPU second) of `steps` calls of `step`
+    cycling over `batches`, after one warm-up call."""
     step(batches[0])
-    start = time.perf_counter()
+    if batches[0].ids.is_cuda:
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
     for i in range(steps):
         step(batches[i % len(batches)])
-    return steps * len(batches[0]) / (time.perf_counter() - start)
+    if batches[0].ids.is_cuda:
+        torch.cuda.synchronize()
+    n = steps * len(batches[0])
+    return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+
+
+def _timed(step: Callable[[Batch], None], batches: list[Batch], steps: int) -> float:
+    return _measure(step, batches, steps)[0]
 
 
 def _baseline_step(num_rows: int, k: int, device: str) -> Callable[[Batch], None]:
@@ -170,20 +185,61 @@ def bare_step_sps(
     return _timed(step, _on(batches, device), steps)
 
 
-def sharded_memory(num_rows: int = NUM_ROWS, dim: int = K + 1, world_size: int = 2) -> dict:
-    """Per-rank bytes of a RowShardedTable and its Adagrad state (built for rank 0 of W)."""
-    world = World(0, world_size, torch.device("cpu"), None)
-    t = RowShardedTable("fm", num_rows, dim, lambda w: w.normal_(0, 0.01), world)
-    opt = SparseAdagrad([t])
-    table_bytes = num_rows * dim * 4
-    weight = t.weight.numel() * t.weight.element_size()
-    state = sum(s.numel() * s.element_size() for s in opt.state["fm"].values())
-    return {
-        "table_bytes": table_bytes,
-        "rank_weight_bytes": weight,
-        "rank_state_bytes": state,
-        "rank_weight_over_share": weight / (table_bytes / world_size),
-    }
+def _rss(field: str = "VmRSS") -> int:
+    """Bytes of this process's resident set (VmRSS) or its peak since the last reset (VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def _memory_rank(rank: int, port: int, out: str, steps: int) -> None:
+    """One of two gloo ranks: RSS growth from building a RowShardedTable FM + Adagrad, and the
+    peak growth while training on half batches (rank 0 writes the figures to `out`)."""
+    torch.set_num_threads(1)
+    world = World.init(rank, 2, f"tcp://127.0.0.1:{port}")
+    batches = criteo_like_batches(steps, batch_size=BATCH // 2, seed=rank)
+    torch.optim.Adam([nn.Parameter(torch.zeros(1))])  # torch.optim imports torch._dynamo once
+    before = _rss()
+    model = _BagFM(NUM_ROWS, K, make_table=table_factory("rows", world))
+    opt, dense = build_optimizers(model, OptimConfig())
+    built = _rss()
+    _reset_peak()
+    for b in batches:
+        dense.zero_grad()
+        model.loss(b, "binary")[0].backward()
+        all_reduce_dense_grads(model, world)
+        opt.step()
+        dense.step()
+    peak = _rss("VmHWM")
+    if rank == 0:
+        storage = model.table.storage
+        figures = {
+            "table_bytes": NUM_ROWS * (K + 1) * 4,
+            "rank_weight_bytes": model.table.weight.numel() * 4,
+            "rank_state_bytes": (storage.shape[1] - K - 1) * storage.shape[0] * 4,
+            "rank_built_rss_bytes": built - before,
+            "rank_step_peak_extra_bytes": max(0, peak - built),
+        }
+        Path(out).write_text(json.dumps(figures))
+    world.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def sharded_memory(steps: int = 3) -> dict:
+    """Per-rank memory of FM k=16 on a RowShardedTable (2**20 rows) + Adagrad with W = 2,
+    measured in two gloo processes: RSS after building, peak extra RSS while training."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "memory.json")
+        torch.multiprocessing.spawn(_memory_rank, args=(free_port(), out, steps), nprocs=2)
+        return json.loads(Path(out).read_text())
 
 
 def merge_result(name: str, figures: dict, markdown: str, section: str) -> None:
@@ -198,65 +254,77 @@ def merge_result(name: str, figures: dict, markdown: str, section: str) -> None:
     write_result(name, merged, "\n\n".join(sections.values()))
 
 
+VARIANTS = {  # name: (label, bare_step_sps options or None for the baseline)
+    "baseline": ("baseline: nn.Embedding(sparse) + SparseAdam", None),
+    "bare": ("bare: ravfm FM on SparseTable + SparseAdagrad", {}),
+    "bare_bag": ("bare, FM terms from table.bag", {"use_bag": True}),
+    "bare_bag_rowwise": ("bare, table.bag + row-wise Adagrad", {"use_bag": True, "rowwise": True}),
+    "bare_bag_adam": ("bare, table.bag + lazy SparseAdam", {"use_bag": True, "sparse": "adam"}),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=8, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-memory", action="store_true", help="skip the W=2 memory measurement")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    batches = criteo_like_batches(4)
-    runs: dict[str, list[float]] = {"baseline": [], "bare": [], "bare_rowwise": [], "bare_adam": []}
+    batches = _on(criteo_like_batches(4), args.device)
+    wall: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    cpu: dict[str, list[float]] = {k: [] for k in VARIANTS}
     for _ in range(args.rounds):
-        runs["baseline"].append(baseline_sps(batches, steps=args.steps, device=args.device))
-        runs["bare"].append(bare_step_sps(batches, steps=args.steps, device=args.device))
-        runs["bare_rowwise"].append(
-            bare_step_sps(batches, steps=args.steps, device=args.device, rowwise=True)
-        )
-        runs["bare_adam"].append(
-            bare_step_sps(batches, steps=args.steps, device=args.device, sparse="adam")
-        )
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    mem = sharded_memory()
-    rows = [
-        ["baseline: nn.Embedding(sparse) + SparseAdam", med["baseline"], 1.0],
-        ["bare: FM on SparseTable + SparseAdagrad", med["bare"], med["bare"] / med["baseline"]],
-        ["bare, row-wise Adagrad", med["bare_rowwise"], med["bare_rowwise"] / med["baseline"]],
-        ["bare, lazy SparseAdam", med["bare_adam"], med["bare_adam"] / med["baseline"]],
-    ]
+        for name, (_, opts) in VARIANTS.items():
+            if opts is None:
+                step = _baseline_step(NUM_ROWS, K, args.device)
+            else:
+                step = _bare_step(NUM_ROWS, K, args.device, opts.get("sparse", "adagrad"),
+                                  opts.get("rowwise", False), opts.get("use_bag", False))  # fmt: skip
+            w, c = _measure(step, batches, args.steps)
+            wall[name].append(w)
+            cpu[name].append(c)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    rows = [[label, med[k], med[k] / med["baseline"], med_cpu[k], med_cpu[k] / med_cpu["baseline"]]
+            for k, (label, _) in VARIANTS.items()]  # fmt: skip
     md = (
         f"FM k={K}, {FIELDS} fields, Zipf ids over {NUM_ROWS:,} rows, batch {BATCH}, "
         f"{args.threads} threads, {args.device}; median of {args.rounds} interleaved rounds of "
-        f"{args.steps} steps\n\n"
-        + table(["step", "samples/s", "x baseline"], rows)
-        + "\n\n"
-        + table(
-            ["RowShardedTable W=2, per rank", "MiB"],
+        f"{args.steps} steps. samples/CPU-s divides by the process CPU time (less sensitive to "
+        "other load on a shared machine)\n\n"
+        + table(["step", "samples/s", "x baseline", "samples/CPU-s", "x baseline (CPU)"], rows)
+    )
+    figures = {
+        "baseline_sps": med["baseline"],
+        "bare_sps": med["bare"],
+        "bare_ratio": med["bare"] / med["baseline"],
+        "bare_bag_sps": med["bare_bag"],
+        "bare_bag_ratio": med["bare_bag"] / med["baseline"],
+        "bare_cpu_ratio": med_cpu["bare"] / med_cpu["baseline"],
+        "bare_bag_cpu_ratio": med_cpu["bare_bag"] / med_cpu["baseline"],
+        "bare_runs": {"wall_sps": wall, "cpu_sps": cpu},
+        "threads": args.threads,
+        "device": args.device,
+    }
+    if not args.no_memory:
+        mem = sharded_memory()
+        mib = 2**20
+        md += "\n\n" + table(
+            ["RowShardedTable W=2 (FM k=16, 2**20 rows, Adagrad), per rank", "MiB"],
             [
-                ["table / W", mem["table_bytes"] / 2 / 2**20],
-                ["weight held", mem["rank_weight_bytes"] / 2**20],
-                ["Adagrad state", mem["rank_state_bytes"] / 2**20],
+                ["table / W", mem["table_bytes"] / 2 / mib],
+                ["weights held", mem["rank_weight_bytes"] / mib],
+                ["Adagrad state (packed beside the weights)", mem["rank_state_bytes"] / mib],
+                ["RSS growth when built", mem["rank_built_rss_bytes"] / mib],
+                ["extra peak RSS while training (batch 4096 per rank)",
+                 mem["rank_step_peak_extra_bytes"] / mib],
             ],
-        )
-    )
+        )  # fmt: skip
+        figures["rows_w2_memory"] = mem
     print(md)
-    merge_result(
-        "train_throughput",
-        {
-            "baseline_sps": med["baseline"],
-            "bare_sps": med["bare"],
-            "bare_ratio": med["bare"] / med["baseline"],
-            "bare_rowwise_sps": med["bare_rowwise"],
-            "bare_adam_sps": med["bare_adam"],
-            "bare_runs": runs,
-            "threads": args.threads,
-            "device": args.device,
-            "rows_w2_memory": mem,
-        },
-        md,
-        "bare",
-    )
+    merge_result("train_throughput", figures, md, "bare")
     return 0
 
 

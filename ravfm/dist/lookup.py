@@ -105,10 +105,14 @@ class _Bag(torch.autograd.Function):
     def forward(ctx, rows: Tensor, d: Dedup, weights: Tensor, fields: int, squares: bool):  # type: ignore[override]
         offsets = torch.arange(0, weights.shape[0], fields, device=weights.device)
         # 0/1 weights (one-hot and padded fields) have w^2 = w: one bag over [rows, rows^2]
-        binary = squares and bool(((weights == 0) | (weights == 1)).all())
+        binary = squares and torch.equal(weights * weights, weights)
         if binary:
-            both = _bag_sum(d.inv, torch.cat([rows, rows * rows], 1), offsets, weights)
-            sums, sq = both[:, : rows.shape[1]].contiguous(), both[:, rows.shape[1] :].contiguous()
+            dim = rows.shape[1]
+            table = rows.new_empty(rows.shape[0], 2 * dim)  # [rows, rows^2] (U, 2D)
+            table[:, :dim] = rows
+            torch.mul(rows, rows, out=table[:, dim:])
+            both = _bag_sum(d.inv, table, offsets, weights)
+            sums, sq = both[:, :dim].contiguous(), both[:, dim:].contiguous()
         else:
             sums = _bag_sum(d.inv, rows, offsets, weights)  # (B, D)
             sq = _bag_sum(d.inv, rows * rows, offsets, weights * weights) if squares else None
