@@ -9,7 +9,8 @@ from pathlib import Path
 
 from bench._common import RESULTS, machine
 
-BENCHES = ["convert_throughput", "hash_throughput", "train_throughput", "score_throughput"]
+BENCHES = ["convert_throughput", "hash_throughput", "train_throughput", "train_pipeline",
+           "score_throughput"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

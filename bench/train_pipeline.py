@@ -1,0 +1,86 @@
+"""The full Ray pipeline (Parquet -> Polars hashing -> Ray Train worker) against the bare step.
+
+Same run, same process: the bare step (in-memory batches, one process) is timed first, then
+`ravfm train` on synthetic Criteo-shaped shards with 1 worker and with 2 workers (rows
+sharding). Pipeline samples/s is the training epoch's samples over its wall time (streaming,
+hashing and the optimizer together; evaluation excluded), best of the epochs. Results merge
+into bench/results/train_throughput.json (keys pipeline_sps, pipeline_ratio, two_workers_ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench._common import table
+from bench.train_throughput import bare_step_sps, criteo_like_batches, merge_result
+
+__all__ = ["pipeline_sps", "main"]
+
+
+def pipeline_sps(shards: Path, runs: Path, workers: int, *, epochs: int, k: int,
+                 batch: int, hash_bits: int, sharding: str) -> float:
+    from ravfm.config import load_config
+    from ravfm.driver import train
+
+    cfg = load_config(None, [
+        f"name=pipe-w{workers}-{sharding}", f"runs_dir={runs}", "data.dataset=criteo",
+        f"data.shards={shards}", f"features.hash_bits={hash_bits}", f"model.k={k}",
+        f"train.epochs={epochs}", f"train.batch_size={batch}", f"train.num_workers={workers}",
+        f"embedding.sharding={sharding}", "train.log_every=1000000", "train.shuffle_buffer=0",
+        "train.keep_checkpoints=1"])
+    summary = train(cfg)
+    return max(e["train"]["n"] / e["seconds"] for e in summary["epochs"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=1_000_000, help="synthetic Criteo rows")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8192)
+    p.add_argument("--hash-bits", type=int, default=20)
+    p.add_argument("--keep", action="store_true", help="keep the temporary data directory")
+    args = p.parse_args(argv)
+
+    import ray
+
+    from ravfm.data.convert import convert
+    from ravfm.data.synth import synth
+
+    work = Path(tempfile.mkdtemp(prefix="ravfm-bench-pipe-"))
+    try:
+        raw = synth("criteo", args.rows, str(work / "raw.txt"), seed=0)
+        convert("criteo", str(raw), str(work / "shards"), rows_per_shard=250_000)
+        torch.set_num_threads(2)
+        batches = criteo_like_batches(4, batch_size=args.batch, num_rows=2**args.hash_bits)
+        bare = bare_step_sps(batches, k=args.k, num_rows=2**args.hash_bits, steps=8)
+        common = {"epochs": args.epochs, "k": args.k, "batch": args.batch, "hash_bits": args.hash_bits}
+        one = pipeline_sps(work / "shards", work / "runs", 1, sharding="replicated", **common)
+        ray.shutdown()
+        two = pipeline_sps(work / "shards", work / "runs", 2, sharding="rows", **common)
+        ray.shutdown()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    rows = [["bare step (in-memory batches, 1 process)", bare, 1.0],
+            ["Ray pipeline, 1 worker (Parquet, hashing, training)", one, one / bare],
+            ["Ray pipeline, 2 workers, rows sharding", two, two / bare]]
+    md = (f"FM k={args.k}, synthetic Criteo {args.rows:,} rows (80% train), batch {args.batch}, "
+          f"2**{args.hash_bits} rows; best epoch of {args.epochs}\n\n"
+          + table(["path", "samples/s", "x bare step"], rows)
+          + f"\n\n2 workers / 1 worker: {two / one:.2f}x")
+    print(md)
+    merge_result("train_throughput", {
+        "pipeline_sps": one, "pipeline_ratio": one / bare, "pipeline_bare_sps": bare,
+        "two_workers_sps": two, "two_workers_ratio": two / one, "pipeline_rows": args.rows},
+        md, "pipeline")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
