@@ -12,6 +12,7 @@ from ravfm.config import OptimConfig
 from ravfm.dist.embedding import RowShardedTable, SparseTable
 from ravfm.dist.optim import SparseAdagrad, SparseAdam, SparseSGD, build_optimizers
 from ravfm.dist.world import World
+from ravfm.errors import UserError
 from ravfm.model.fm import FM, fm_init
 from ravfm.model.layers import PlainTable
 
@@ -165,3 +166,10 @@ def test_build_optimizers_splits_tables_from_dense_parameters():
     ] == [plain.bias]
     only_table = SparseTable("t", N, D, INIT)
     assert build_optimizers(only_table, OptimConfig())[1] is None
+
+
+def test_importing_another_optimizers_state_is_a_user_error():
+    table = SparseTable("t", N, D, INIT, torch.float64)
+    state = SparseAdagrad([table]).export_state()
+    with pytest.raises(UserError, match="exp_avg"):
+        SparseAdam([SparseTable("t", N, D, INIT, torch.float64)]).import_state(state)

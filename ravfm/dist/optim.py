@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ravfm.config import OptimConfig
 from ravfm.dist.rows import LocalRows, SparseGrad
+from ravfm.errors import UserError
 from ravfm.model.layers import is_table
 
 __all__ = ["SparseOptimizer", "SparseSGD", "SparseAdagrad", "SparseAdam", "build_optimizers"]
@@ -174,6 +175,11 @@ class SparseOptimizer:
             mask, local = t.local_index(state[f"{key}/ids"])
             cols = _state_columns(t)
             for name, (a, b) in self._layout[key].items():
+                if f"{key}/{name}" not in state:
+                    raise UserError(
+                        f"checkpoint optimizer state of table {key} has no {name!r} (it was "
+                        f"written by another optim.sparse); resume with that optimizer"
+                    )
                 rows = state[f"{key}/{name}"].to(cols)[mask]
                 cols[:, a:b].index_copy_(0, local, rows.reshape(-1, b - a))
 
