@@ -89,7 +89,7 @@ def _chunk(
     for field, (card, a, kind) in AVAZU_FIELDS.items():
         r = zipf_ranks(rng, n, card, a)
         cols[field] = _values(field, keys[field], r, kind)
-        w, v = hashed_params(keys[field], r, 0.55, 0.45, half_rank=300.0)
+        w, v = hashed_params(keys[field], r, 0.45, 0.38, half_rank=300.0)
         ws.append(w)
         vs.append(v)
     return cols, fm_logit(ws[1:], vs) + ws[0]
