@@ -142,3 +142,14 @@ def test_table_bag_gives_the_fm_sums_and_the_same_sparse_gradient(kind):
     torch.testing.assert_close(g.grad, rg.grad, rtol=0, atol=1e-13)
     with torch.no_grad():
         torch.testing.assert_close(t.bag(ids, x), sums.detach(), rtol=0, atol=0)
+
+
+def test_an_empty_batch_looks_up_and_steps_nothing():
+    _, sparse = _pair()
+    ids, x = torch.zeros(0, 4, dtype=torch.int64), torch.zeros(0, 4, dtype=torch.float64)
+    out = sparse(ids)
+    sums, sq = sparse.bag(ids, x, squares=True)
+    assert out.shape == (0, 4, D) and sums.shape == sq.shape == (0, D)
+    (torch.nan_to_num(out.mean()) * 0.0 + sums.sum() + sq.sum()).backward()
+    g = sparse.sparse_grad()
+    assert g.rows.numel() == 0 and g.grad.shape == (0, D)

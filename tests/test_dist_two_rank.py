@@ -102,8 +102,9 @@ def _train_and_compare(world: World, kind: str, sparse: str) -> None:
         ref_sparse.step()
         _sgd_bias(model)
         _sgd_bias(ref)
+    _empty_rank_step(world, model, ref, sparse_opt, ref_sparse, kind)
     ids, rows = model.table.export_rows()
-    _close(rows, ref.table.weight[ids], f"{kind}/{sparse} rows after {STEPS} steps")
+    _close(rows, ref.table.weight[ids], f"{kind}/{sparse} rows after {STEPS + 1} steps")
     _close(model.bias.detach(), ref.bias.detach(), f"{kind}/{sparse} bias")
     state, ref_state = sparse_opt.export_state(), ref_sparse.export_state()
     for key, s in state.items():
@@ -115,6 +116,26 @@ def _train_and_compare(world: World, kind: str, sparse: str) -> None:
         ref.predict(b.ids, b.values)[lo:hi],
         f"{kind} predict without gradients",
     )
+
+
+def _empty_rank_step(world, model, ref, sparse_opt, ref_sparse, kind: str) -> None:
+    """Rank 1 has run out of data and steps on an empty batch (as ravfm.train.loop does): the
+    update is the reference's on rank 0's half with its loss halved (gradients average over W)."""
+    half = _batches()[0].slice(0, B // 2)
+    mine = half if world.rank == 0 else half.slice(0, 0)
+    loss, raw = model.loss(mine, "binary")
+    if len(mine) == 0:
+        loss = torch.nan_to_num(loss) * 0.0
+    loss.backward()
+    all_reduce_dense_grads(model, world)
+    ref_loss, ref_raw = ref.loss(half, "binary")
+    (0.5 * ref_loss).backward()
+    if world.rank == 0:
+        _close(raw, ref_raw, f"{kind} outputs beside an empty rank")
+    _close(model.bias.grad, ref.bias.grad, f"{kind} bias grad beside an empty rank")
+    for m, opt in ((model, sparse_opt), (ref, ref_sparse)):
+        opt.step()
+        _sgd_bias(m)
 
 
 def _check_bag(world: World, model: FM, ref: FM, batch: Batch, lo: int, hi: int) -> None:
