@@ -1,13 +1,15 @@
 """`ravfm score`: batch predictions for any Parquet dataset (or raw file) with a checkpoint.
 
-Ray Data reads the input, a pool of actors (GPU actors when the cluster has GPUs) each load the
-checkpoint once, hash every batch with the checkpoint's own feature spec and run the model, and
-Parquet files come out with the kept columns, `prediction` (click probability for binary tasks,
-the rating for regression) and, for VFM, `prediction_std`. Every input row gives exactly one
-output row, in input order (the dataset runs with preserve_order).
+The input is cut into parts (runs of whole Parquet row groups, in input order); Ray Data hands
+the parts to a pool of actors (GPU actors when the cluster has GPUs) that each load the
+checkpoint once, then read a part batch by batch, hash it with the checkpoint's own feature
+spec, predict, and write one output file per part. So every input row gives exactly one output
+row, in input order, by construction: no shuffle or merge can reorder them. Output columns: the
+kept ones, `prediction` (click probability for binary tasks, the rating for regression) and,
+for VFM, `prediction_std`.
 
 FM checkpoints score through a fused path (two embedding bags, no (B, F, K) tensor) that equals
-FM.predict; its slow twin is the model's own forward in tests/test_scoring.py.
+FM.predict; its slow twin is the FM definition in tests/test_scoring.py.
 """
 
 from __future__ import annotations
@@ -163,19 +165,85 @@ def resolve_input(src: str, dataset: str, tmp_root: Path) -> tuple[list[str], bo
     return split_paths(out, "test"), True
 
 
+def _parts(paths: list[str], rows_per_part: int) -> list[dict]:
+    """Work items in input order: each a run of whole row groups of one file, ~rows_per_part
+    rows, named part-FFFFF-CCCC.parquet so name order is input order."""
+    items = []
+    for i, path in enumerate(paths):
+        fs, p = _fs(path)
+        with fs.open(p, "rb") as f:
+            md = pq.ParquetFile(f).metadata
+        groups: list[int] = []
+        rows = 0
+        for g in range(md.num_row_groups):
+            groups.append(g)
+            rows += md.row_group(g).num_rows
+            if rows >= rows_per_part or g == md.num_row_groups - 1:
+                items.append(
+                    {
+                        "path": path,
+                        "groups": groups,
+                        "rows": rows,
+                        "part": f"part-{i:05d}-{len(items):04d}.parquet",
+                    }
+                )
+                groups, rows = [], 0
+    return items
+
+
+class _PartWriter:
+    """Actor: scores whole parts. Reads a part's row groups batch by batch, scores them, and
+    writes its output file in the same row order (one output row per input row)."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        keep: tuple[str, ...],
+        columns: list[str],
+        output: str,
+        batch_size: int,
+        device: str,
+    ) -> None:
+        self.scorer = Scorer(checkpoint, keep, device)
+        self.columns, self.output, self.batch_size = columns, output, batch_size
+
+    def __call__(self, items: dict[str, Any]) -> dict[str, Any]:
+        written = []
+        for path, groups, part in zip(items["path"], items["groups"], items["part"]):
+            written.append(self._one(str(path), [int(g) for g in groups], str(part)))
+        return {"part": list(items["part"]), "rows": written}
+
+    def _one(self, path: str, groups: list[int], part: str) -> int:
+        in_fs, in_p = _fs(path)
+        out_fs, out_dir = _fs(self.output)
+        tmp, final = f"{out_dir}/.{part}.tmp", f"{out_dir}/{part}"
+        rows, writer = 0, None
+        with in_fs.open(in_p, "rb") as src, out_fs.open(tmp, "wb") as dst:
+            for batch in pq.ParquetFile(src).iter_batches(
+                self.batch_size, row_groups=groups, columns=self.columns
+            ):
+                out = self.scorer(pa.Table.from_batches([batch]))
+                writer = writer or pq.ParquetWriter(dst, out.schema, compression="zstd")
+                writer.write_table(out)
+                rows += out.num_rows
+            if writer is not None:
+                writer.close()
+        if writer is None:  # no rows in these row groups: no file
+            out_fs.rm(tmp)
+            return 0
+        out_fs.mv(tmp, final)
+        return rows
+
+
+def _columns(spec: Any, keep: list[str]) -> list[str]:
+    cols = [c for f in spec.fields for c in (f.name, f.value_column) if c is not None]
+    return list(dict.fromkeys(cols + list(keep)))
+
+
 def _schema(path: str) -> pa.Schema:
     fs, p = _fs(path)
     with fs.open(p, "rb") as f:
         return pq.read_schema(f)
-
-
-def _num_rows(paths: list[str]) -> int:
-    total = 0
-    for path in paths:
-        fs, p = _fs(path)
-        with fs.open(p, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
 
 
 def _check_output(output: str) -> None:
@@ -185,19 +253,21 @@ def _check_output(output: str) -> None:
             f"--output {output} already exists and is not empty; pass a new "
             "directory (scoring never overwrites)"
         )
+    fs.makedirs(p, exist_ok=True)
 
 
-def _pool(num_actors: int) -> tuple[int, float, float]:
+def _pool(num_actors: int, num_parts: int) -> tuple[int, float, float]:
     """(actors, CPUs per actor, GPUs per actor) sized from the cluster unless given."""
     import ray
 
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
     if gpus:
-        return num_actors or gpus, 1.0, 1.0
-    # Actors hash and run the model; Parquet reads and writes take the rest of the CPUs.
-    n = num_actors or max(1, int(cpus))
-    return n, max(0.25, min(1.0, cpus * 0.75 / n)), 0.0
+        return max(1, min(num_actors or gpus, num_parts)), 1.0, 1.0
+    # Each actor reads, hashes, predicts and writes on one core. Their logical CPUs leave one
+    # CPU free for Ray Data's own tasks, or on a small machine the pipeline never starts.
+    n = max(1, min(num_actors or int(cpus), num_parts))
+    return n, max(0.05, min(1.0, (cpus - 1.0) / n)), 0.0
 
 
 def score(
@@ -211,7 +281,11 @@ def score(
     num_actors: int = 0,
 ) -> dict:
     """Score `input` with `checkpoint` into Parquet files under `output`; returns a summary
-    {rows, seconds, rows_per_s, output, columns}."""
+    {rows, seconds, rows_per_s, output, columns, actors}.
+
+    Output files part-FFFFF-CCCC.parquet hold the kept columns, `prediction` and (VFM)
+    `prediction_std`; read in name order, they are the input rows in input order.
+    """
     import ray
 
     from ravfm.driver import init_ray
@@ -227,13 +301,12 @@ def score(
         )
     meta = read_manifest(checkpoint)
     spec = FeatureSpec.load(Path(meta["path"]) / "spec")
-    _check_output(output)
     tmp_root = Path(tempfile.mkdtemp(prefix="ravfm-score-"))
     try:
         paths, _ = resolve_input(input, spec.dataset, tmp_root)
-        if not paths:
+        schema = _schema(paths[0]) if paths else None
+        if schema is None:
             raise UserError(f"--input {input} holds no rows to score")
-        schema = _schema(paths[0])
         check_schema(schema, spec)
         missing = [c for c in keep if c not in schema.names]
         if missing:
@@ -241,36 +314,42 @@ def score(
                 f"--keep names {missing[0]!r}, which {input} does not have; choose "
                 f"from {', '.join(schema.names)}"
             )
-        n_in = _num_rows(paths)
+        _check_output(output)
+        items = _parts(paths, rows_per_part=max(batch_size, 262_144))
         init_ray(address)
         quiet_data_context()
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        actors, cpus, gpus = _pool(num_actors)
-        ds = ray.data.read_parquet(paths).map_batches(
-            Scorer,
-            fn_constructor_kwargs={
-                "checkpoint": meta["path"],
-                "keep": tuple(keep),
-                "device": "cuda" if gpus else "cpu",
-            },
-            batch_format="pyarrow",
-            batch_size=batch_size,
-            zero_copy_batch=True,
-            concurrency=actors,
-            num_cpus=cpus,
-            num_gpus=gpus,
+        actors, cpus, gpus = _pool(num_actors, len(items))
+        kwargs = {
+            "checkpoint": meta["path"],
+            "keep": tuple(keep),
+            "output": output,
+            "columns": _columns(spec, keep),
+            "batch_size": batch_size,
+            "device": "cuda" if gpus else "cpu",
+        }
+        done = (
+            ray.data.from_items(items, override_num_blocks=len(items))
+            .map_batches(
+                _PartWriter,
+                fn_constructor_kwargs=kwargs,
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=cpus,
+                num_gpus=gpus,
+            )
+            .take_all()
         )
-        ds.write_parquet(output)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
-    n_out = _num_rows(sorted(_output_files(output)))
-    if n_out != n_in:
-        raise RuntimeError(f"scored {n_out} rows from {n_in} input rows")  # a bug, not the user's
+    n_in, n_out = sum(i["rows"] for i in items), sum(int(d["rows"]) for d in done)
+    if n_out != n_in or len(done) != len(items):
+        raise RuntimeError(
+            f"scored {n_out} rows in {len(done)} parts from {n_in} rows in {len(items)} parts"
+        )  # a bug, not the user's
     seconds = time.perf_counter() - t0
-    columns = [*keep, PREDICTION] + (
-        [PREDICTION_STD] if meta["config"]["model"]["name"] == "vfm" else []
-    )
+    vfm = meta["config"]["model"]["name"] == "vfm"
+    columns = [*keep, PREDICTION] + ([PREDICTION_STD] if vfm else [])
     summary = {
         "rows": n_in,
         "seconds": round(seconds, 3),
@@ -278,6 +357,7 @@ def score(
         "output": output,
         "columns": columns,
         "actors": actors,
+        "parts": len(items),
     }
     print(
         f"ravfm score: {n_in:,} rows -> {output} ({', '.join(columns)}) in {seconds:.1f} s, "
@@ -285,9 +365,3 @@ def score(
         file=sys.stderr,
     )
     return summary
-
-
-def _output_files(output: str) -> list[str]:
-    fs, p = _fs(output)
-    files = [f for f in fs.find(p) if f.endswith(".parquet")]
-    return [f if "://" not in output else fs.unstrip_protocol(f) for f in files]

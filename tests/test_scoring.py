@@ -111,6 +111,20 @@ def criteo(shared_data, tmp_path_factory):
     return tmp, shards, _checkpoint(tmp, shards, "fm"), _checkpoint(tmp, shards, "vfm")
 
 
+def _with_row_ids(shards: Path, out: Path) -> Path:
+    """The shards as a plain Parquet directory (no _index.json) with a `rid` column 0..N-1."""
+    from ravfm.data.index import split_paths
+
+    out.mkdir(exist_ok=True)
+    start = 0
+    for i, path in enumerate(split_paths(shards, "test")):
+        t = pq.read_table(path)
+        t = t.append_column("rid", pa.array(np.arange(start, start + t.num_rows)))
+        pq.write_table(t, out / f"part-{i}.parquet")
+        start += t.num_rows
+    return out
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
@@ -137,11 +151,12 @@ def _expected(checkpoint: Path, shards: Path) -> tuple[np.ndarray, np.ndarray | 
     table = pa.concat_tables([pq.read_table(p) for p in split_paths(shards, "test")])
     out = transform(table, spec)
     ids, x = torch.from_numpy(out["ids"]), torch.from_numpy(out["values"])
-    if meta["config"]["model"]["name"] == "vfm":
-        raw, std = model.predict(ids, x, return_std=True)
-        p = torch.sigmoid(raw)
-        return p.numpy(), (p * (1 - p) * std).numpy()
-    return torch.sigmoid(model.forward(ids, x)).numpy(), None
+    with torch.no_grad():
+        if meta["config"]["model"]["name"] == "vfm":
+            raw, std = model.predict(ids, x, return_std=True)
+            p = torch.sigmoid(raw)
+            return p.numpy(), (p * (1 - p) * std).numpy()
+        return torch.sigmoid(model.forward(ids, x)).numpy(), None
 
 
 @pytest.mark.ray
@@ -152,11 +167,12 @@ def test_score_writes_one_row_per_input_row_in_order(criteo, local_ray, model_na
 
     tmp, shards, fm_ckpt, vfm_ckpt = criteo
     ckpt = fm_ckpt if model_name == "fm" else vfm_ckpt
+    src = _with_row_ids(shards, tmp / "with_rid")
     out = tmp / f"out-{model_name}"
-    summary = score(str(ckpt), str(shards), str(out), keep=["_row", "label"], batch_size=1000)
+    summary = score(str(ckpt), str(src), str(out), keep=["rid", "label"], batch_size=1000)
     got = _read_in_name_order(out)
-    assert summary["rows"] == got.num_rows == 8000
-    assert got.column("_row").to_pylist() == sorted(got.column("_row").to_pylist())
+    assert summary["rows"] == got.num_rows == 8000 and summary["parts"] == 3
+    assert got.column("rid").to_pylist() == list(range(8000))
     want, want_std = _expected(ckpt, shards)
     np.testing.assert_allclose(got.column(PREDICTION).to_numpy(), want, rtol=1e-5, atol=1e-6)
     if model_name == "vfm":
@@ -169,14 +185,17 @@ def test_score_writes_one_row_per_input_row_in_order(criteo, local_ray, model_na
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_score_converts_a_raw_file_first(criteo, local_ray, shared_data):
+@pytest.mark.parametrize("source", ["shards", "raw"])
+def test_score_reads_shard_directories_and_raw_files(criteo, local_ray, shared_data, source):
     from ravfm.scoring import score
 
-    tmp, _, fm_ckpt, _ = criteo
-    out = tmp / "out-raw"
-    score(str(fm_ckpt), str(shared_data / "criteo" / "dac_sample_8k.txt"), str(out), keep=["_row"])
+    tmp, shards, fm_ckpt, _ = criteo
+    src = shards if source == "shards" else shared_data / "criteo" / "dac_sample_8k.txt"
+    out = tmp / f"out-{source}"
+    score(str(fm_ckpt), str(src), str(out), keep=["label"], batch_size=2500)
     got = _read_in_name_order(out)
-    assert got.num_rows == 8000 and got.column("_row").to_pylist() == list(range(8000))
+    want, _ = _expected(fm_ckpt, shards)  # convert keeps the file's row order
+    np.testing.assert_allclose(got.column(PREDICTION).to_numpy(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_missing_required_column_is_one_clear_line(criteo):
@@ -184,7 +203,9 @@ def test_missing_required_column_is_one_clear_line(criteo):
 
     tmp, shards, fm_ckpt, _ = criteo
     bad = tmp / "no_c7.parquet"
-    table = pq.read_table(next(iter(sorted((shards / "test").glob("*.parquet")))))
+    from ravfm.data.index import split_paths
+
+    table = pq.read_table(split_paths(shards, "test")[0])
     pq.write_table(table.drop_columns(["C7"]), bad)
     with pytest.raises(UserError) as e:
         score(str(fm_ckpt), str(bad), str(tmp / "out-bad"), keep=[])
