@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -164,6 +165,8 @@ def test_build_optimizers_splits_tables_from_dense_parameters():
     assert isinstance(sparse, SparseSGD) and [
         p for g in dense.param_groups for p in g["params"]
     ] == [plain.bias]
+    rowwise = SimpleNamespace(**{**vars(OptimConfig()), "rowwise": True})  # a config with it
+    assert build_optimizers(FM(N, 3, make_table=SparseTable), rowwise)[0].rowwise
     only_table = SparseTable("t", N, D, INIT)
     assert build_optimizers(only_table, OptimConfig())[1] is None
 

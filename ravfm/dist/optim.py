@@ -269,7 +269,10 @@ def build_optimizers(
     None when there are none). Build it after the model is on its device and dtype."""
     tables = _tables(model)
     if cfg.sparse == "adagrad":
-        sparse: SparseOptimizer = SparseAdagrad(tables, cfg.lr, cfg.eps, cfg.initial_accumulator)
+        rowwise = bool(getattr(cfg, "rowwise", False))  # optim.rowwise, where the config has it
+        sparse: SparseOptimizer = SparseAdagrad(
+            tables, cfg.lr, cfg.eps, cfg.initial_accumulator, rowwise=rowwise
+        )
     elif cfg.sparse == "adam":
         sparse = SparseAdam(tables, cfg.lr, cfg.betas, cfg.eps)
     else:
