@@ -208,10 +208,16 @@ class _PartWriter:
         self.columns, self.output, self.batch_size = columns, output, batch_size
 
     def __call__(self, items: dict[str, Any]) -> dict[str, Any]:
-        written = []
+        written, t0 = [], time.time()
         for path, groups, part in zip(items["path"], items["groups"], items["part"]):
             written.append(self._one(str(path), [int(g) for g in groups], str(part)))
-        return {"part": list(items["part"]), "rows": written}
+        n = len(written)
+        return {
+            "part": list(items["part"]),
+            "rows": written,
+            "t0": [t0] * n,
+            "t1": [time.time()] * n,
+        }
 
     def _one(self, path: str, groups: list[int], part: str) -> int:
         in_fs, in_p = _fs(path)
@@ -348,6 +354,8 @@ def score(
             f"scored {n_out} rows in {len(done)} parts from {n_in} rows in {len(items)} parts"
         )  # a bug, not the user's
     seconds = time.perf_counter() - t0
+    # Steady state: first part started to last part written, without startup and planning.
+    busy = max(float(d["t1"]) for d in done) - min(float(d["t0"]) for d in done)
     vfm = meta["config"]["model"]["name"] == "vfm"
     columns = [*keep, PREDICTION] + ([PREDICTION_STD] if vfm else [])
     summary = {
@@ -358,10 +366,13 @@ def score(
         "columns": columns,
         "actors": actors,
         "parts": len(items),
+        "scoring_seconds": round(busy, 3),
+        "scoring_rows_per_s": n_in / max(busy, 1e-9),
     }
     print(
         f"ravfm score: {n_in:,} rows -> {output} ({', '.join(columns)}) in {seconds:.1f} s, "
-        f"{summary['rows_per_s']:,.0f} rows/s with {actors} actor(s)",
+        f"{summary['rows_per_s']:,.0f} rows/s with {actors} actor(s) "
+        f"({summary['scoring_rows_per_s']:,.0f} rows/s once running)",
         file=sys.stderr,
     )
     return summary
