@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
+import polars as pl
 
 import ravfm
 from ravfm.data.formats import FORMATS, LineFormat
@@ -126,12 +126,17 @@ class _Router:
             self.rows[split] += len(p.df)
             return
         codes = hash_split(p.index + row_base, self.rule["seed"], self.rule["ratios"])
-        for k, name in enumerate(SPLITS):
-            mask = codes == k
-            n = int(np.count_nonzero(mask))
-            if n:
-                self.shards.add(name, p.df.filter(mask) if n < len(mask) else p.df)
-                self.rows[name] += n
+        df = p.df
+        for k, name in enumerate(SPLITS):  # peel off one split at a time: fewer rows to scan
+            if k < len(SPLITS) - 1:
+                mask = codes == k
+                part, df = df.filter(pl.Series(mask)), df.filter(pl.Series(~mask))
+                codes = codes[~mask]
+            else:
+                part = df
+            if len(part):
+                self.shards.add(name, part)
+                self.rows[name] += len(part)
 
 
 def convert(

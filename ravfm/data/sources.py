@@ -166,13 +166,14 @@ def iter_blocks(stream: IO[bytes], block_bytes: int = BLOCK_BYTES) -> Iterator[b
             ) from None
         if not buf:
             break
-        data = rest + buf if rest else buf
-        cut = data.rfind(b"\n") + 1
+        cut = buf.rfind(b"\n") + 1
         if cut == 0:
-            rest = data
+            rest += buf
             continue
-        rest = data[cut:]
-        yield data[:cut] if cut < len(data) else data
+        # one copy per block: join the carried tail with a view of this buffer up to its cut
+        block = b"".join((rest, memoryview(buf)[:cut])) if rest or cut < len(buf) else buf
+        rest = buf[cut:]
+        yield block
     if rest:
         yield rest + b"\n"
 
