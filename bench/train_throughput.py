@@ -280,8 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             if opts is None:
                 step = _baseline_step(NUM_ROWS, K, args.device)
             else:
-                step = _bare_step(NUM_ROWS, K, args.device, opts.get("sparse", "adagrad"),
-                                  opts.get("rowwise", False), opts.get("use_bag", False))  # fmt: skip
+                step = _bare_step(
+                    NUM_ROWS,
+                    K,
+                    args.device,
+                    opts.get("sparse", "adagrad"),
+                    opts.get("rowwise", False),
+                    opts.get("use_bag", False),
+                )
             w, c = _measure(step, batches, args.steps)
             wall[name].append(w)
             cpu[name].append(c)
@@ -290,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     ratio = {k: statistics.median(w / b for w, b in zip(wall[k], wall["baseline"])) for k in wall}
     cpu_ratio = {k: statistics.median(c / b for c, b in zip(cpu[k], cpu["baseline"])) for k in cpu}
     med = {k: statistics.median(v) for k, v in wall.items()}
-    rows = [[label, med[k], max(wall[k]), ratio[k], cpu_ratio[k]]
-            for k, (label, _) in VARIANTS.items()]  # fmt: skip
+    rows = [
+        [label, med[k], max(wall[k]), ratio[k], cpu_ratio[k]] for k, (label, _) in VARIANTS.items()
+    ]
     md = (
         f"FM k={K}, {FIELDS} fields, Zipf ids over {NUM_ROWS:,} rows, batch {BATCH}, "
         f"{args.threads} threads, {args.device}; {args.rounds} rounds of {args.steps} steps, the "
@@ -306,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 "x baseline (CPU time)",
             ],
             rows,
-        )  # fmt: skip
+        )
     )
     figures = {
         "baseline_sps": med["baseline"],
@@ -331,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
                 ["weights held", mem["rank_weight_bytes"] / mib],
                 ["Adagrad state (packed beside the weights)", mem["rank_state_bytes"] / mib],
                 ["RSS growth when built", mem["rank_built_rss_bytes"] / mib],
-                ["extra peak RSS while training (batch 4096 per rank)",
-                 mem["rank_step_peak_extra_bytes"] / mib],
+                [
+                    "extra peak RSS while training (batch 4096 per rank)",
+                    mem["rank_step_peak_extra_bytes"] / mib,
+                ],
             ],
-        )  # fmt: skip
+        )
         figures["rows_w2_memory"] = mem
     print(md)
     merge_result("train_throughput", figures, md, "bare")

@@ -1,11 +1,13 @@
 """Embedding tables with sparse, fused updates: `SparseTable` (one process, or replicated across
 ranks) and `RowShardedTable` (row r lives on rank r % W), plus `table_factory`.
 
-Both hold their rows in a buffer (ravfm.dist.rows.LocalRows: never an nn.Parameter, so no dense
-gradient and no DDP). A forward pass with gradients enabled deduplicates the ids with one sort, gathers the U
-unique rows and expands them; its backward hands the coalesced gradient (rows (U,), grads
-(U, dim)) to the table, where a ravfm.dist.optim optimizer picks it up in `step()`. Only the
-touched rows are read or written: nothing walks the whole table.
+Both hold their rows in a buffer (ravfm.dist.rows.LocalRows: never an nn.Parameter, so no
+dense gradient and no DDP). A forward pass with gradients enabled deduplicates the ids with one
+sort, gathers the U unique rows and expands them (`table(ids)`, the contract of
+ravfm.model.layers) or sums them per example (`table.bag(ids, values)`, the FM terms without a
+(B, F, dim) tensor); its backward hands the coalesced gradient (rows (U,), grads (U, dim)) to the
+table, where a ravfm.dist.optim optimizer picks it up in `step()`. Only the touched rows are
+read or written: nothing walks the whole table.
 
 Gradients across ranks are averaged (like DDP does for dense parameters): with a mean loss over
 each rank's B/W examples, the update equals the single-process one on the global batch of B.
@@ -73,12 +75,12 @@ class _Route(torch.autograd.Function):
     backward routes the gradients the reverse way, averaged over the W ranks."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, world: World, recv: list[int], send: list[int]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, rows: Tensor, world: World, recv: list[int], send: list[int]) -> Tensor:
         ctx.world, ctx.recv, ctx.send = world, recv, send
         return world.exchange(rows, recv, send)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         w = ctx.world
         return w.exchange(grad.contiguous() / w.size, ctx.send, ctx.recv), None, None, None
 

@@ -74,12 +74,12 @@ class _Expand(torch.autograd.Function):
     """rows (U, D) -> rows[inv] (M, D); the backward sums gradients per unique row (CSR)."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, d: Dedup) -> Tensor:  # type: ignore[override]
+    def forward(ctx, rows: Tensor, d: Dedup) -> Tensor:
         ctx.d = d
         return rows.index_select(0, d.inv)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return ctx.d.sum_rows(grad), None
 
 
@@ -102,7 +102,7 @@ class _Bag(torch.autograd.Function):
     bag, over the (B, D) output gradients, so no (M, D) tensor exists in either pass."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, d: Dedup, weights: Tensor, fields: int, squares: bool):  # type: ignore[override]
+    def forward(ctx, rows: Tensor, d: Dedup, weights: Tensor, fields: int, squares: bool):
         offsets = torch.arange(0, weights.shape[0], fields, device=weights.device)
         # 0/1 weights (one-hot and padded fields) have w^2 = w: one bag over [rows, rows^2]
         binary = squares and torch.equal(weights * weights, weights)
@@ -121,7 +121,7 @@ class _Bag(torch.autograd.Function):
         return sums, sq if sq is not None else sums.new_zeros(sums.shape[0], 0)
 
     @staticmethod
-    def backward(ctx, g_sums: Tensor | None, g_sq: Tensor | None):  # type: ignore[override]
+    def backward(ctx, g_sums: Tensor | None, g_sq: Tensor | None):
         rows, weights = ctx.saved_tensors
         d, fields, dim = ctx.d, ctx.fields, rows.shape[1]
         example = d.perm // fields  # (M,) the example of each position, in sorted-id order
@@ -130,9 +130,10 @@ class _Bag(torch.autograd.Function):
         g_sums = g_sums if g_sums is not None else rows.new_zeros(0, dim)  # absent: (0, D)
         has_sq = ctx.squares and g_sq is not None
         if has_sq and ctx.binary:  # sum_m w_m [g, g_sq][b(m)] in one bag
-            both = _bag_sum(example, torch.cat([_or_zeros(g_sums, g_sq), g_sq], 1), starts,
-                            w_sorted)  # fmt: skip
-            grad = both[:, :dim].addcmul_(both[:, dim:], rows, value=2)
+            both = _bag_sum(
+                example, torch.cat([_or_zeros(g_sums, g_sq), g_sq], 1), starts, w_sorted
+            )
+            grad = torch.addcmul(both[:, :dim], both[:, dim:], rows, value=2)  # contiguous
         else:
             grad = rows.new_zeros(rows.shape)
             if g_sums.numel():
@@ -154,8 +155,9 @@ def _or_zeros(g: Tensor, like: Tensor) -> Tensor:
     return g if g.numel() else torch.zeros_like(like)
 
 
-def bag(rows: Tensor, d: Dedup, weights: Tensor, fields: int,
-        squares: bool = False) -> Tensor | tuple[Tensor, Tensor]:  # fmt: skip
+def bag(
+    rows: Tensor, d: Dedup, weights: Tensor, fields: int, squares: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """FM-style field sums over unique rows (U, D) with ids == uniq[d.inv], M = B * fields:
     sums[b] = sum_f w[b, f] row[b, f] (B, D), and with squares=True also
     sq[b] = sum_f w[b, f]^2 row[b, f]^2 (B, D), elementwise. weights: (M,) = (B, fields) flat.

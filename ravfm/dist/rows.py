@@ -66,13 +66,13 @@ class _Gather(torch.autograd.Function):
     ever kept on a table-sized tensor."""
 
     @staticmethod
-    def forward(ctx, anchor: Tensor, storage: Tensor, dim: int, d: Dedup, sink: Callable) -> Tensor:  # type: ignore[override]
+    def forward(ctx, anchor: Tensor, storage: Tensor, dim: int, d: Dedup, sink: Callable) -> Tensor:
         packed = storage.index_select(0, d.uniq)  # (U, dim + S)
         ctx.d, ctx.packed, ctx.sink = d, packed, sink
         return packed if packed.shape[1] == dim else packed[:, :dim].contiguous()
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[None, ...]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[None, ...]:
         ctx.sink(SparseGrad(ctx.d.uniq, grad, ctx.packed))
         return None, None, None, None, None
 
