@@ -241,7 +241,7 @@ def _hasher(dtype: str, kind: str) -> str:
     inner = dtype[5:-1] if dtype.startswith("List(") else dtype
     if kind == "numeric":
         return INT_HASH
-    if inner in ("String", "Utf8", "Categorical", "Enum"):
+    if inner in ("String", "Utf8"):
         return HASH_FUNCTION
     if inner.startswith(("Int", "UInt")):
         return INT_HASH

@@ -38,7 +38,7 @@ __all__ = [
     "multi_items",
 ]
 
-_STRINGS = ("String", "Utf8", "Categorical", "Enum")
+_STRINGS = ("String", "Utf8")  # xxh3 reads the UTF-8 bytes; categoricals would hash codes
 _INTS = ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
 _FLOATS = ("Float32", "Float64")
 
