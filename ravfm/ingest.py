@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow as pa
 import ray.data
 
+from ravfm.data.schemas import ROW_COLUMN
 from ravfm.features.spec import FeatureSpec
 from ravfm.features.transform import transform
 
 __all__ = ["ROW_COLUMN", "hashed_dataset", "hash_batch", "quiet_data_context"]
 
-ROW_COLUMN = "_row"  # source row number written by convert; lets a restarted run skip seen rows
 
 
 def hash_batch(table: pa.Table, spec: FeatureSpec, keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from ravfm.cli import main
 from ravfm.data.convert import convert
 from ravfm.data.index import FORMAT_VERSION, INDEX_NAME, read_index, split_paths
 from ravfm.data.parse import pl_schema
-from ravfm.data.schemas import AVAZU, CRITEO, LIBSVM
+from ravfm.data.schemas import AVAZU, CRITEO, LIBSVM, ROW_COLUMN
 from ravfm.data.shards import ShardSet
 from ravfm.data.split import hash_split
 from ravfm.errors import UserError
@@ -60,13 +60,13 @@ def test_criteo_sample_keeps_schema_nulls_and_hash_splits(shared_data, tmp_path)
     assert s["rows"] == idx["rows"] == 8000 and s["rejected"] == 0 and not s["skipped"]
     assert idx["format_version"] == FORMAT_VERSION and idx["dataset"] == "criteo"
     assert idx["variant"] == "train" and idx["label"] == "label"
-    assert idx["schema"] == CRITEO.columns
+    assert idx["schema"] == {**CRITEO.columns, ROW_COLUMN: "Int64"}
     assert idx["source"]["files"][0]["size"] == src.stat().st_size
     assert "mtime" in idx["source"]["files"][0]
     want = np.bincount(hash_split(np.arange(8000), 0, (8, 1, 1)), minlength=3)
     assert [idx["splits"][k]["rows"] for k in ("train", "valid", "test")] == want.tolist()
     df = _read(out)
-    assert dict(df.schema) == pl_schema(CRITEO.columns)
+    assert dict(df.schema) == pl_schema({**CRITEO.columns, ROW_COLUMN: "Int64"})
     raw = _raw_fields(src, "\t")
     for j, col in enumerate(CRITEO.columns):
         assert df[col].null_count() == sum(f[j] == "" for f in raw), col
@@ -81,7 +81,7 @@ def test_avazu_sample_derives_hour_of_day_and_weekday(shared_data, tmp_path):
     s = convert("avazu", str(src), tmp_path / "out")
     assert s["rows"] == 8999 and s["rejected"] == 0
     df = _read(tmp_path / "out")
-    assert dict(df.schema) == pl_schema(AVAZU.columns)
+    assert dict(df.schema) == pl_schema({**AVAZU.columns, ROW_COLUMN: "Int64"})
     assert df["hour"].unique().to_list() == [14102100]
     assert df["hour_of_day"].unique().to_list() == [0]
     assert df["weekday"].unique().to_list() == [1]  # 2014-10-21 was a Tuesday (Monday = 0)
@@ -136,7 +136,7 @@ def test_frappe_libfm_with_crlf_keeps_labels_and_features(shared_data, tmp_path)
     s = convert("libsvm", str(src), tmp_path / "out", split="train")
     assert s["rows"] == 57722 and s["variant"] == "libsvm" and s["splits"]["train"] == 57722
     df = _read(tmp_path / "out", "train")
-    assert dict(df.schema) == pl_schema(LIBSVM.columns)
+    assert dict(df.schema) == pl_schema({**LIBSVM.columns, ROW_COLUMN: "Int64"})
     assert set(df["label"].unique().to_list()) == {-1.0, 1.0}
     assert df["idx"].list.len().unique().to_list() == [10]  # 10 fields, one value each
     assert df["field"].null_count() == len(df)
@@ -257,7 +257,7 @@ def test_criteo_test_file_without_label_is_the_test_variant(shared_data, tmp_pat
     idx = read_index(tmp_path / "out")
     assert s["variant"] == "test" and idx["label"] is None and "label" not in idx["schema"]
     df = _read(tmp_path / "out", "test")
-    assert df.columns == [c for c in CRITEO.columns if c != "label"] and len(df) == 500
+    assert df.columns == [c for c in CRITEO.columns if c != "label"] + [ROW_COLUMN] and len(df) == 500
     with pytest.raises(UserError, match="looks like criteo test, not the --variant train"):
         convert("criteo", str(src), tmp_path / "out2", variant="train")
 

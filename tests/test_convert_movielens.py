@@ -49,6 +49,7 @@ def test_ml1m_joins_users_and_movies_with_double_colon_separators(tmp_path, monk
         "occupation",
         "zip",
         "genres",
+        "_row",
     ]
     row = df.row(0, named=True)
     assert (row["user_id"], row["item_id"], row["rating"], row["timestamp"]) == (
@@ -102,6 +103,7 @@ def test_ml25m_csv_layout_with_quoted_titles_and_no_genres(tmp_path):
         "rating": "Float32",
         "timestamp": "Int64",
         "genres": "List(String)",
+        "_row": "Int64",
     }
 
 

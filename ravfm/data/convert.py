@@ -42,6 +42,7 @@ from ravfm.data.libsvm import LibSVM
 from ravfm.data.movielens import STANDARD_SPLITS, MovieLens
 from ravfm.data.outdir import out_state, summarize, summary_line, swap_into
 from ravfm.data.parse import Parsed
+from ravfm.data.schemas import ROW_COLUMN
 from ravfm.data.shards import ROW_GROUP_ROWS, RejectLog, ShardSet
 from ravfm.data.sources import (
     BLOCK_BYTES,
@@ -112,6 +113,10 @@ def _line_parts(files: list) -> Iterator[tuple[str, IO[bytes], str | None]]:
             yield name, stream, None
 
 
+def _with_row(columns: dict[str, str]) -> dict[str, str]:
+    return {**columns, ROW_COLUMN: "Int64"}
+
+
 class _Router:
     """Writer-thread side: assigns each parsed row its split and appends it to the shards."""
 
@@ -120,6 +125,9 @@ class _Router:
         self.rows = {s: 0 for s in SPLITS}
 
     def __call__(self, p: Parsed, row_base: int, fixed: str | None) -> None:
+        # The source row number travels with the row: a restarted training run skips exactly
+        # the rows its last checkpoint had trained (see ravfm.train.worker).
+        p.df = p.df.with_columns(pl.Series(ROW_COLUMN, p.index + row_base, dtype=pl.Int64))
         split = fixed or (self.rule["split"] if self.rule["kind"] == "all" else None)
         if split is not None:
             self.shards.add(split, p.df)
@@ -259,7 +267,7 @@ def _run(
                         )
                     chosen = v
                     if shards is None:
-                        shards = ShardSet(tmp, parser.columns(v), rows_per_shard)
+                        shards = ShardSet(tmp, _with_row(parser.columns(v)), rows_per_shard)
                         router = _Router(shards, rule)
                     for _ in range(skip):
                         cut = block.find(b"\n") + 1
@@ -296,7 +304,7 @@ def _run(
             f"--max-reject-rate {max_reject_rate:.4%}; {reasons}); see "
             f"{keep}/rejects.jsonl, fix the source or raise --max-reject-rate"
         )
-    columns = parser.columns(chosen)
+    columns = _with_row(parser.columns(chosen))
     splits = {
         s: {"rows": router.rows[s], "shards": sum(x["split"] == s for x in shard_list)}
         for s in SPLITS

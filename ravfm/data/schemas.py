@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DatasetSchema", "SCHEMAS", "CRITEO_INT", "CRITEO_CAT", "AVAZU_CAT", "schema_for"]
+__all__ = [
+    "DatasetSchema", "SCHEMAS", "CRITEO_INT", "CRITEO_CAT", "AVAZU_CAT", "ROW_COLUMN", "schema_for",
+]
+
+# Every shard also carries the source row number (0-based over the whole source, Int64):
+# unique per row, so a restarted training run can skip exactly the rows it already trained.
+ROW_COLUMN = "_row"
 
 CRITEO_INT = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_CAT = tuple(f"C{i}" for i in range(1, 27))
