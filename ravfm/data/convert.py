@@ -161,8 +161,14 @@ def convert(
 ) -> dict[str, Any]:
     """Convert SRC (path, glob or fsspec URL; maybe compressed) in format FMT into shards in OUT.
 
-    Prints one summary line and returns the summary: rows per split, rejects by reason,
-    seconds, rows/s. See the module docstring for the output contract and re-run rules.
+    split: "hash" (a seeded hash of each row's number, train:valid:test = split_ratios; see
+    ravfm.data.split), "train" / "valid" / "test" (every row into that split, e.g. a separate
+    test file), or a MovieLens 100K standard split u1..u5, ua, ub (uX.base -> train, uX.test
+    -> test; valid stays empty so the standard protocol is kept). variant: "auto" or the
+    format's variant (criteo / avazu: train, test; libsvm: libsvm, libffm; movielens: ml-100k,
+    ml-1m, ml-10m, ml-20m, ml-25m, latest). Prints one summary line and returns the summary:
+    rows per split, rejects by reason, seconds, rows/s. See the module docstring for the
+    output contract and re-run rules.
     """
     t0 = time.perf_counter()
     if fmt not in FORMAT_NAMES:
