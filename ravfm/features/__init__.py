@@ -1,1 +1,6 @@
-"""See ../shared/DESIGN.md for what lives here."""
+"""Raw columns -> table rows: spec.py (the contract), hashing.py, transform.py, stats.py.
+
+Import the submodules directly; this package imports nothing so `import ravfm` stays light.
+"""
+
+__all__: list[str] = []
