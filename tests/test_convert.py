@@ -257,7 +257,9 @@ def test_criteo_test_file_without_label_is_the_test_variant(shared_data, tmp_pat
     idx = read_index(tmp_path / "out")
     assert s["variant"] == "test" and idx["label"] is None and "label" not in idx["schema"]
     df = _read(tmp_path / "out", "test")
-    assert df.columns == [c for c in CRITEO.columns if c != "label"] + [ROW_COLUMN] and len(df) == 500
+    assert (
+        df.columns == [c for c in CRITEO.columns if c != "label"] + [ROW_COLUMN] and len(df) == 500
+    )
     with pytest.raises(UserError, match="looks like criteo test, not the --variant train"):
         convert("criteo", str(src), tmp_path / "out2", variant="train")
 
@@ -301,3 +303,13 @@ def test_shards_read_back_as_plain_arrow_types_for_any_reader(shared_data, tmp_p
     assert str(schema.field("gender").type) == "string"  # not string_view
     assert str(schema.field("genres").type) == "list<element: string>"  # not large_list
     assert str(schema.field("age").type) == "int16" and str(schema.field("rating").type) == "float"
+
+
+def test_every_shard_row_lands_in_the_split_its_row_number_hashes_to(shared_data, tmp_path):
+    convert("avazu", str(shared_data / "avazu" / "avazu_sample_9k.csv"), tmp_path / "out", seed=11)
+    rows = []
+    for k, split in enumerate(("train", "valid", "test")):
+        r = _read(tmp_path / "out", split)[ROW_COLUMN].to_numpy()
+        assert (hash_split(r, 11, (8, 1, 1)) == k).all()
+        rows.append(r)
+    assert sorted(np.concatenate(rows).tolist()) == list(range(8999))
