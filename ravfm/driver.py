@@ -164,7 +164,8 @@ def train(cfg: RunConfig, *, address: str | None = None, resume: str | None = No
         train_fn,
         train_loop_config={"cfg": to_dict(cfg), "spec_dir": str(spec_dir.resolve()),
                            "run_dir": str(run_dir), "resume": resume, "threads": plan["threads"],
-                           "n_train": n_train, "invocation": uuid.uuid4().hex},
+                           "n_train": n_train, "invocation": uuid.uuid4().hex,
+                           "fault": {k: v for k, v in os.environ.items() if k.startswith("RAVFM_FAULT_")}},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan["num_workers"], use_gpu=plan["use_gpu"],
             resources_per_worker={"CPU": plan["cpus_per_worker"]}),

@@ -98,7 +98,7 @@ def train_fn(config: dict) -> None:
 
     def on_step(pos: Position, state: Any, seconds: float) -> bool:
         telemetry.step(pos, state, seconds)
-        _maybe_inject_fault(pos.step, world.rank)
+        _maybe_inject_fault(config.get("fault") or {}, pos.step, world.rank)
         if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
             checkpoint(mid_epoch=True)
         return bool(cfg.train.max_steps and pos.step >= cfg.train.max_steps)
@@ -157,11 +157,12 @@ def _restart_record(run_dir: Path, meta: dict, cfg: RunConfig, world: World) -> 
             "repeated_samples_at_most": bound}
 
 
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    """Fault injection for the kill-a-worker test: RAVFM_FAULT_KILL_STEP=S[:RANK] SIGKILLs that
-    rank's process at step S once (RAVFM_FAULT_MARKER names the file that records it happened)."""
-    spec = os.environ.get("RAVFM_FAULT_KILL_STEP")
-    marker = os.environ.get("RAVFM_FAULT_MARKER")
+def _maybe_inject_fault(fault: dict, step: int, rank: int) -> None:
+    """Fault injection for the kill-a-worker test: the driver's RAVFM_FAULT_KILL_STEP=S[:RANK]
+    SIGKILLs that rank's process at step S, once (RAVFM_FAULT_MARKER names the file that
+    records it happened)."""
+    spec = fault.get("RAVFM_FAULT_KILL_STEP")
+    marker = fault.get("RAVFM_FAULT_MARKER")
     if not spec or not marker:
         return
     kill_step, _, kill_rank = spec.partition(":")
