@@ -243,14 +243,16 @@ def sharded_memory(steps: int = 3) -> dict:
 
 
 def merge_result(name: str, figures: dict, markdown: str, section: str) -> None:
-    """Update bench/results/NAME.json: keep other keys and other sections' tables."""
+    """Update bench/results/NAME.json with one section's figures and table: the keys this
+    section wrote last time are replaced, other sections' keys and tables are kept."""
     path = RESULTS / f"{name}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    keep = {
-        k: v for k, v in old.items() if k not in ("name", "when", "machine", "versions", "table")
-    }
+    owners = old.pop("section_keys", {})
+    stale = set(owners.get(section, ())) | {"name", "when", "machine", "versions", "table"}
+    keep = {k: v for k, v in old.items() if k not in stale}
     sections = {**keep.pop("sections", {}), section: markdown}
-    merged = {**keep, **figures, "sections": sections}
+    owners[section] = sorted(figures)
+    merged = {**keep, **figures, "sections": sections, "section_keys": owners}
     write_result(name, merged, "\n\n".join(sections.values()))
 
 
