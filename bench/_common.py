@@ -38,8 +38,14 @@ def machine() -> dict[str, Any]:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "gpu": gpu,
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def versions() -> dict[str, str]:
@@ -69,8 +75,13 @@ def write_result(name: str, figures: dict[str, Any], markdown: str = "") -> Path
     """Write bench/results/NAME.json with machine, versions, figures and the printed table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"name": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "machine": machine(), "versions": versions(), **figures}
+    payload = {
+        "name": name,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "versions": versions(),
+        **figures,
+    }
     if markdown:
         payload["table"] = markdown
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")

@@ -9,23 +9,38 @@ from pathlib import Path
 
 from bench._common import RESULTS, machine
 
-BENCHES = ["convert_throughput", "hash_throughput", "train_throughput", "train_pipeline",
-           "score_throughput"]
+BENCHES = [
+    "convert_throughput",
+    "hash_throughput",
+    "train_throughput",
+    "train_pipeline",
+    "score_throughput",
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_benchmarks_md() -> Path:
     """BENCHMARKS.md: the latest table of each result file and the machine it ran on."""
-    parts = ["# Benchmarks", "", "Latest results of `make bench` (and `make bench-accuracy`), "
-             "regenerated from `bench/results/*.json`. Ratios are against a baseline measured in "
-             "the same run.", ""]
+    parts = [
+        "# Benchmarks",
+        "",
+        "Latest results of `make bench` (and `make bench-accuracy`), "
+        "regenerated from `bench/results/*.json`. Ratios are against a baseline measured in "
+        "the same run.",
+        "",
+    ]
     for path in sorted(RESULTS.glob("*.json")):
         data = json.loads(path.read_text())
         m = data.get("machine", {})
-        parts += [f"## {data.get('name', path.stem)}", "",
-                  f"{data.get('when', '?')} on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
-                  f"{m.get('memory_gib', '?')} GiB" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-                  + f"; versions {data.get('versions', {})}", ""]
+        parts += [
+            f"## {data.get('name', path.stem)}",
+            "",
+            f"{data.get('when', '?')} on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+            f"{m.get('memory_gib', '?')} GiB"
+            + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+            + f"; versions {data.get('versions', {})}",
+            "",
+        ]
         parts += [data.get("table", "(no table)"), ""]
     out = ROOT / "BENCHMARKS.md"
     out.write_text("\n".join(parts))

@@ -22,17 +22,38 @@ from bench.train_throughput import bare_step_sps, criteo_like_batches, merge_res
 __all__ = ["pipeline_sps", "main"]
 
 
-def pipeline_sps(shards: Path, runs: Path, workers: int, *, epochs: int, k: int,
-                 batch: int, hash_bits: int, sharding: str) -> float:
+def pipeline_sps(
+    shards: Path,
+    runs: Path,
+    workers: int,
+    *,
+    epochs: int,
+    k: int,
+    batch: int,
+    hash_bits: int,
+    sharding: str,
+) -> float:
     from ravfm.config import load_config
     from ravfm.driver import train
 
-    cfg = load_config(None, [
-        f"name=pipe-w{workers}-{sharding}", f"runs_dir={runs}", "data.dataset=criteo",
-        f"data.shards={shards}", f"features.hash_bits={hash_bits}", f"model.k={k}",
-        f"train.epochs={epochs}", f"train.batch_size={batch}", f"train.num_workers={workers}",
-        f"embedding.sharding={sharding}", "train.log_every=1000000", "train.shuffle_buffer=0",
-        "train.keep_checkpoints=1"])
+    cfg = load_config(
+        None,
+        [
+            f"name=pipe-w{workers}-{sharding}",
+            f"runs_dir={runs}",
+            "data.dataset=criteo",
+            f"data.shards={shards}",
+            f"features.hash_bits={hash_bits}",
+            f"model.k={k}",
+            f"train.epochs={epochs}",
+            f"train.batch_size={batch}",
+            f"train.num_workers={workers}",
+            f"embedding.sharding={sharding}",
+            "train.log_every=1000000",
+            "train.shuffle_buffer=0",
+            "train.keep_checkpoints=1",
+        ],
+    )
     summary = train(cfg)
     return max(e["train"]["n"] / e["seconds"] for e in summary["epochs"])
 
@@ -59,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(2)
         batches = criteo_like_batches(4, batch_size=args.batch, num_rows=2**args.hash_bits)
         bare = bare_step_sps(batches, k=args.k, num_rows=2**args.hash_bits, steps=8)
-        common = {"epochs": args.epochs, "k": args.k, "batch": args.batch, "hash_bits": args.hash_bits}
+        common = {
+            "epochs": args.epochs,
+            "k": args.k,
+            "batch": args.batch,
+            "hash_bits": args.hash_bits,
+        }
         one = pipeline_sps(work / "shards", work / "runs", 1, sharding="replicated", **common)
         ray.shutdown()
         two = pipeline_sps(work / "shards", work / "runs", 2, sharding="rows", **common)
@@ -67,18 +93,31 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    rows = [["bare step (in-memory batches, 1 process)", bare, 1.0],
-            ["Ray pipeline, 1 worker (Parquet, hashing, training)", one, one / bare],
-            ["Ray pipeline, 2 workers, rows sharding", two, two / bare]]
-    md = (f"FM k={args.k}, synthetic Criteo {args.rows:,} rows (80% train), batch {args.batch}, "
-          f"2**{args.hash_bits} rows; best epoch of {args.epochs}\n\n"
-          + table(["path", "samples/s", "x bare step"], rows)
-          + f"\n\n2 workers / 1 worker: {two / one:.2f}x")
+    rows = [
+        ["bare step (in-memory batches, 1 process)", bare, 1.0],
+        ["Ray pipeline, 1 worker (Parquet, hashing, training)", one, one / bare],
+        ["Ray pipeline, 2 workers, rows sharding", two, two / bare],
+    ]
+    md = (
+        f"FM k={args.k}, synthetic Criteo {args.rows:,} rows (80% train), batch {args.batch}, "
+        f"2**{args.hash_bits} rows; best epoch of {args.epochs}\n\n"
+        + table(["path", "samples/s", "x bare step"], rows)
+        + f"\n\n2 workers / 1 worker: {two / one:.2f}x"
+    )
     print(md)
-    merge_result("train_throughput", {
-        "pipeline_sps": one, "pipeline_ratio": one / bare, "pipeline_bare_sps": bare,
-        "two_workers_sps": two, "two_workers_ratio": two / one, "pipeline_rows": args.rows},
-        md, "pipeline")
+    merge_result(
+        "train_throughput",
+        {
+            "pipeline_sps": one,
+            "pipeline_ratio": one / bare,
+            "pipeline_bare_sps": bare,
+            "two_workers_sps": two,
+            "two_workers_ratio": two / one,
+            "pipeline_rows": args.rows,
+        },
+        md,
+        "pipeline",
+    )
     return 0
 
 

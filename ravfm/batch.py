@@ -32,9 +32,12 @@ class Batch:
         return self.ids.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(self.ids.to(device, non_blocking=non_blocking),
-                     self.values.to(device, non_blocking=non_blocking),
-                     self.label.to(device, non_blocking=non_blocking), self.row)
+        return Batch(
+            self.ids.to(device, non_blocking=non_blocking),
+            self.values.to(device, non_blocking=non_blocking),
+            self.label.to(device, non_blocking=non_blocking),
+            self.row,
+        )
 
     def slice(self, start: int, stop: int) -> Batch:
         row = None if self.row is None else self.row[start:stop]

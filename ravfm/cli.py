@@ -17,9 +17,17 @@ __all__ = ["main", "build_parser"]
 def _convert(a: argparse.Namespace) -> int:
     from ravfm.data.convert import convert
 
-    convert(a.format, a.src, a.out, rows_per_shard=a.rows_per_shard, split=a.split,
-            split_ratios=tuple(a.split_ratios), seed=a.seed, max_reject_rate=a.max_reject_rate,
-            variant=a.variant)
+    convert(
+        a.format,
+        a.src,
+        a.out,
+        rows_per_shard=a.rows_per_shard,
+        split=a.split,
+        split_ratios=tuple(a.split_ratios),
+        seed=a.seed,
+        max_reject_rate=a.max_reject_rate,
+        variant=a.variant,
+    )
     return 0
 
 
@@ -59,8 +67,15 @@ def _score(a: argparse.Namespace) -> int:
     from ravfm.scoring import score
 
     keep = [c for c in (a.keep or "").split(",") if c]
-    score(a.checkpoint, a.input, a.output, keep=keep, address=a.address,
-          batch_size=a.batch_size, num_actors=a.num_actors)
+    score(
+        a.checkpoint,
+        a.input,
+        a.output,
+        keep=keep,
+        address=a.address,
+        batch_size=a.batch_size,
+        num_actors=a.num_actors,
+    )
     return 0
 
 
@@ -79,14 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="local path, glob or fsspec URL (file://, http(s)://, s3://, gs://)")
     c.add_argument("--out", required=True, help="output directory for shards and _index.json")
     c.add_argument("--rows-per-shard", type=int, default=1_000_000)
-    c.add_argument("--split", default="hash",
-                   help="hash (seeded by row number) or a standard split: u1..u5, ua, ub")
-    c.add_argument("--split-ratios", type=float, nargs=3, default=[8.0, 1.0, 1.0],
-                   metavar=("TRAIN", "VALID", "TEST"))
+    c.add_argument(
+        "--split",
+        default="hash",
+        help="hash (seeded by row number); train, valid or test (every row to that split, "
+        "e.g. a separate test file); or a MovieLens 100K split u1..u5, ua, ub",
+    )
+    c.add_argument(
+        "--split-ratios",
+        type=float,
+        nargs=3,
+        default=[8.0, 1.0, 1.0],
+        metavar=("TRAIN", "VALID", "TEST"),
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-reject-rate", type=float, default=0.001)
-    c.add_argument("--variant", default="auto", help="movielens: ml-100k, ml-1m, ml-10m, ml-20m, "
-                   "ml-25m, latest (auto-detected from the files)")
+    c.add_argument(
+        "--variant",
+        default="auto",
+        help="auto-detected; criteo/avazu: train|test; movielens: ml-100k|ml-1m|ml-10m|"
+        "ml-20m|ml-25m|latest; libsvm: libsvm|libffm",
+    )
     c.set_defaults(fn=_convert)
 
     s = sub.add_parser("synth", help="synthetic raw data in a real format, with oracle labels")
@@ -104,8 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model from a YAML job with key=value overrides")
     t.add_argument("--config", help="YAML job file, e.g. jobs/criteo_fm.yaml")
-    t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, "
-                   "else a local cluster started in-process)")
+    t.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: RAY_ADDRESS, else a local cluster started in-process)",
+    )
     t.add_argument("--resume", default=None, help="checkpoint directory to continue from")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 model.k=8")
     t.set_defaults(fn=_train)
@@ -129,8 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("submit", help="submit a training job to a Ray cluster and follow it")
     sm.add_argument("job", help="YAML job file, e.g. jobs/criteo_fm.yaml")
-    sm.add_argument("--address", default=None, help="dashboard address, e.g. http://HEAD:8265 "
-                    "(default: RAY_ADDRESS)")
+    sm.add_argument(
+        "--address",
+        default=None,
+        help="dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS)",
+    )
     sm.add_argument("--no-follow", action="store_true", help="submit and return at once")
     sm.add_argument("overrides", nargs="*")
     sm.set_defaults(fn=_submit)

@@ -61,10 +61,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _one_of("data.dataset", self.dataset, DATASETS)
-        _check(len(self.split_ratios) == 3 and all(r >= 0 for r in self.split_ratios)
-               and self.split_ratios[0] > 0,
-               f"data.split_ratios={list(self.split_ratios)} must be three non-negative "
-               "numbers (train, valid, test) with train > 0")
+        _check(
+            len(self.split_ratios) == 3
+            and all(r >= 0 for r in self.split_ratios)
+            and self.split_ratios[0] > 0,
+            f"data.split_ratios={list(self.split_ratios)} must be three non-negative "
+            "numbers (train, valid, test) with train > 0",
+        )
         _check(self.rows_per_shard > 0, "data.rows_per_shard must be positive")
         _check(0.0 <= self.max_reject_rate <= 1.0, "data.max_reject_rate must be in [0, 1]")
         _check(self.synth_rows > 0, "data.synth_rows must be positive")
@@ -110,11 +113,15 @@ class RaFMConfig:
     distill_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(len(self.ranks) >= 1 and all(a < b for a, b in zip(self.ranks, self.ranks[1:])),
-               f"model.rafm.ranks={list(self.ranks)} must be strictly increasing")
-        _check(len(self.thresholds) == len(self.ranks) - 1,
-               f"model.rafm.thresholds needs {len(self.ranks) - 1} value(s), one per rank above "
-               f"the first; got {list(self.thresholds)}")
+        _check(
+            len(self.ranks) >= 1 and all(a < b for a, b in zip(self.ranks, self.ranks[1:])),
+            f"model.rafm.ranks={list(self.ranks)} must be strictly increasing",
+        )
+        _check(
+            len(self.thresholds) == len(self.ranks) - 1,
+            f"model.rafm.thresholds needs {len(self.ranks) - 1} value(s), one per rank above "
+            f"the first; got {list(self.thresholds)}",
+        )
 
 
 @dataclass(frozen=True)
@@ -188,8 +195,11 @@ class TrainConfig:
         _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "train.*batch_size must be >= 1")
         _check(self.num_workers >= 0, "train.num_workers must be >= 0 (0 = auto)")
         _check(self.cpus_per_worker >= 0, "train.cpus_per_worker must be >= 0 (0 = auto)")
-        _one_of("train.early_stopping_metric", self.early_stopping_metric,
-                ("auto", "auc", "logloss", "rmse"))
+        _one_of(
+            "train.early_stopping_metric",
+            self.early_stopping_metric,
+            ("auto", "auc", "logloss", "rmse"),
+        )
         _check(self.max_failures >= -1, "train.max_failures must be >= -1 (-1 = unlimited)")
 
 
@@ -245,12 +255,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
         return value
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool),
-               f"{key} must be an integer, got {value!r}")
+        _check(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{key} must be an integer, got {value!r}",
+        )
         return value
     if tp is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool),
-               f"{key} must be a number, got {value!r}")
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{key} must be a number, got {value!r}",
+        )
         return float(value)
     if tp is str:
         _check(isinstance(value, str), f"{key} must be a string, got {value!r}")
@@ -264,20 +278,24 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(f"unknown config key {prefix}{unknown[0]}; valid keys under "
-                        f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+        raise UserError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
+        )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 
 
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict (tuples as lists), suitable for YAML or JSON."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
+
     return plain(dataclasses.asdict(cfg))
 
 
@@ -297,8 +315,10 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
     out = copy.deepcopy(tree)
     for item in overrides:
-        _check("=" in item and not item.startswith("="),
-               f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
+        _check(
+            "=" in item and not item.startswith("="),
+            f"override {item!r} must look like section.key=value, e.g. train.epochs=3",
+        )
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
@@ -317,7 +337,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise UserError(
+                f"config file {p} is not valid YAML: {str(e).splitlines()[0]}"
+            ) from None
         _check(loaded is None or isinstance(loaded, dict), f"config file {p} must hold a mapping")
         tree = loaded or {}
     tree = apply_overrides(tree, overrides or [])

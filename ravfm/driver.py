@@ -40,18 +40,30 @@ def prepare_data(cfg: RunConfig) -> tuple[Path, Path, dict]:
 
         if cfg.data.dataset == "libsvm":
             raise UserError("data.source is required for libsvm data (a path or URL of the file)")
-        _say(f"ravfm: no data source given: using SYNTHETIC {cfg.data.dataset}-shaped data "
-             f"({cfg.data.synth_rows:,} rows, seed {cfg.seed}); pass data.source=PATH_OR_URL for real data")
+        _say(
+            f"ravfm: no data source given: using SYNTHETIC {cfg.data.dataset}-shaped data "
+            f"({cfg.data.synth_rows:,} rows, seed {cfg.seed}); pass data.source=PATH_OR_URL for real data"
+        )
         raw = shards.parent / f"{shards.name}-synthetic-raw"
         source = str(synth(cfg.data.dataset, cfg.data.synth_rows, str(raw), seed=cfg.seed))
     elif source is None:
         _say(f"ravfm: using the existing shards in {shards} (no data.source given)")
     if source is not None:
-        convert(cfg.data.dataset, source, str(shards), rows_per_shard=cfg.data.rows_per_shard,
-                split=cfg.data.split, split_ratios=tuple(cfg.data.split_ratios), seed=cfg.seed,
-                max_reject_rate=cfg.data.max_reject_rate, variant=cfg.data.variant)
+        convert(
+            cfg.data.dataset,
+            source,
+            str(shards),
+            rows_per_shard=cfg.data.rows_per_shard,
+            split=cfg.data.split,
+            split_ratios=tuple(cfg.data.split_ratios),
+            seed=cfg.seed,
+            max_reject_rate=cfg.data.max_reject_rate,
+            variant=cfg.data.variant,
+        )
     index = read_index(shards)
-    key = hashlib.sha256(json.dumps(to_dict(cfg.features), sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(to_dict(cfg.features), sort_keys=True).encode()).hexdigest()[
+        :12
+    ]
     spec_dir = shards / "_features" / key
     if not (spec_dir / "feature_spec.json").exists():
         run_stats(str(shards), str(spec_dir), cfg.features)
@@ -67,11 +79,18 @@ def init_ray(address: str | None) -> None:
     verbose = os.environ.get("RAVFM_VERBOSE", "") not in ("", "0")
     env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     try:
-        ray.init(address=address, include_dashboard=False if address is None else None,
-                 log_to_driver=verbose, logging_level="ERROR", runtime_env=env)
+        ray.init(
+            address=address,
+            include_dashboard=False if address is None else None,
+            log_to_driver=verbose,
+            logging_level="ERROR",
+            runtime_env=env,
+        )
     except ConnectionError as e:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {e}; start it with "
-                        "`ray start --head` or drop --address to run locally") from None
+        raise UserError(
+            f"cannot reach the Ray cluster at {address}: {e}; start it with "
+            "`ray start --head` or drop --address to run locally"
+        ) from None
 
 
 def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> dict[str, Any]:
@@ -79,15 +98,23 @@ def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> dict[str, Any]:
     half of the CPUs to Ray Data's hashing tasks (two 1-CPU workers on 2 CPUs starve ingest)."""
     cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
     if cfg.train.use_gpu and gpus < 1:
-        raise UserError("train.use_gpu=true but the Ray cluster has no GPU; set train.use_gpu=false")
+        raise UserError(
+            "train.use_gpu=true but the Ray cluster has no GPU; set train.use_gpu=false"
+        )
     workers = cfg.train.num_workers or (int(gpus) if cfg.train.use_gpu else max(1, int(cpus // 4)))
     per = cfg.train.cpus_per_worker or max(0.25, min(8.0, cpus / (2 * workers)))
     if workers * per > cpus:
-        raise UserError(f"train.num_workers={workers} x {per} CPUs exceeds the cluster's {cpus:g} "
-                        "CPUs; lower train.num_workers or train.cpus_per_worker")
+        raise UserError(
+            f"train.num_workers={workers} x {per} CPUs exceeds the cluster's {cpus:g} "
+            "CPUs; lower train.num_workers or train.cpus_per_worker"
+        )
     threads = max(1, int(round(cpus / workers))) if not cfg.train.use_gpu else max(1, int(per))
-    return {"num_workers": workers, "cpus_per_worker": per, "threads": threads,
-            "use_gpu": cfg.train.use_gpu}
+    return {
+        "num_workers": workers,
+        "cpus_per_worker": per,
+        "threads": threads,
+        "use_gpu": cfg.train.use_gpu,
+    }
 
 
 class _Progress(threading.Thread):
@@ -109,10 +136,15 @@ class _Progress(threading.Thread):
             m = (done or {}).get("valid") or p.get("train_rank0") or {}
             where = "valid" if done else "train"
             frac = 1.0 if done else min(1.0, p.get("epoch_step", 0) / max(1, p["steps_per_epoch"]))
-            line = (f"epoch {p['epoch'] + 1}/{p['epochs']} step {p['step']:,} "
-                    f"({100 * frac:3.0f}% of epoch) {p['samples_per_s']:,.0f} samples/s {where} "
-                    + " ".join(f"{k} {m[k]:.4f}" for k in ("logloss", "auc", "rmse")
-                               if isinstance(m.get(k), float)))
+            line = (
+                f"epoch {p['epoch'] + 1}/{p['epochs']} step {p['step']:,} "
+                f"({100 * frac:3.0f}% of epoch) {p['samples_per_s']:,.0f} samples/s {where} "
+                + " ".join(
+                    f"{k} {m[k]:.4f}"
+                    for k in ("logloss", "auc", "rmse")
+                    if isinstance(m.get(k), float)
+                )
+            )
             if self.tty:
                 sys.stderr.write("\r" + line[:150].ljust(150))
                 sys.stderr.flush()
@@ -138,11 +170,15 @@ def train(cfg: RunConfig, *, address: str | None = None, resume: str | None = No
     from ravfm.train.worker import train_fn
 
     if resume is not None and not Path(resume).exists():
-        raise UserError(f"--resume {resume} does not exist; pass runs/NAME/checkpoints or a step-* dir")
+        raise UserError(
+            f"--resume {resume} does not exist; pass runs/NAME/checkpoints or a step-* dir"
+        )
     ckpts = Path(cfg.run_dir) / "checkpoints"
     if resume is None and any(ckpts.glob("step-*")):
-        raise UserError(f"{cfg.run_dir} already holds checkpoints; pass --resume {ckpts} to continue "
-                        "that run, or choose another name=... (or delete the directory)")
+        raise UserError(
+            f"{cfg.run_dir} already holds checkpoints; pass --resume {ckpts} to continue "
+            "that run, or choose another name=... (or delete the directory)"
+        )
     shards, spec_dir, index = prepare_data(cfg)
     spec = FeatureSpec.load(spec_dir)
     if resume is not None:
@@ -154,25 +190,41 @@ def train(cfg: RunConfig, *, address: str | None = None, resume: str | None = No
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     n_train = int(index["splits"]["train"]["rows"])
-    datasets = {split: hashed_dataset(split_paths(shards, split), spec,
-                                      shuffle_seed=cfg.seed if split == "train" else None)
-                for split in ("train", "valid", "test")}
-    _say(f"ravfm: training {cfg.model.name} on {cfg.data.dataset} ({n_train:,} train rows, "
-         f"{spec.num_fields} fields, {spec.num_rows:,} table rows) with {plan['num_workers']} "
-         f"worker(s) x {plan['cpus_per_worker']:g} CPU, embedding {cfg.embedding.sharding}; run dir {run_dir}")
+    datasets = {
+        split: hashed_dataset(
+            split_paths(shards, split), spec, shuffle_seed=cfg.seed if split == "train" else None
+        )
+        for split in ("train", "valid", "test")
+    }
+    _say(
+        f"ravfm: training {cfg.model.name} on {cfg.data.dataset} ({n_train:,} train rows, "
+        f"{spec.num_fields} fields, {spec.num_rows:,} table rows) with {plan['num_workers']} "
+        f"worker(s) x {plan['cpus_per_worker']:g} CPU, embedding {cfg.embedding.sharding}; run dir {run_dir}"
+    )
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"cfg": to_dict(cfg), "spec_dir": str(spec_dir.resolve()),
-                           "run_dir": str(run_dir), "resume": resume, "threads": plan["threads"],
-                           "n_train": n_train, "invocation": uuid.uuid4().hex,
-                           "fault": {k: v for k, v in os.environ.items() if k.startswith("RAVFM_FAULT_")}},
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "spec_dir": str(spec_dir.resolve()),
+            "run_dir": str(run_dir),
+            "resume": resume,
+            "threads": plan["threads"],
+            "n_train": n_train,
+            "invocation": uuid.uuid4().hex,
+            "fault": {k: v for k, v in os.environ.items() if k.startswith("RAVFM_FAULT_")},
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan["num_workers"], use_gpu=plan["use_gpu"],
-            resources_per_worker={"CPU": plan["cpus_per_worker"]}),
+            num_workers=plan["num_workers"],
+            use_gpu=plan["use_gpu"],
+            resources_per_worker={"CPU": plan["cpus_per_worker"]},
+        ),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(run_dir / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
-        datasets=datasets)
+            name=cfg.name,
+            storage_path=str(run_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets=datasets,
+    )
     progress = _Progress(run_dir / "progress.json")
     progress.start()
     t0 = time.time()
@@ -200,8 +252,10 @@ def _check_resume(resume: str, cfg: RunConfig, spec: Any) -> None:
     saved = meta["config"]["model"]
     for key in ("name", "k", "task"):
         if saved.get(key) != getattr(cfg.model, key):
-            raise UserError(f"checkpoint {meta['path']} has model.{key}={saved.get(key)!r} but this "
-                            f"run has {getattr(cfg.model, key)!r}; resume with the same model settings")
+            raise UserError(
+                f"checkpoint {meta['path']} has model.{key}={saved.get(key)!r} but this "
+                f"run has {getattr(cfg.model, key)!r}; resume with the same model settings"
+            )
 
 
 def _print_summary(summary: dict) -> None:
@@ -210,8 +264,14 @@ def _print_summary(summary: dict) -> None:
         sps = e["train"].get("n", 0) / max(e.get("seconds", 1e-9), 1e-9)
         for split in ("train", "valid"):
             m = e[split]
-            rows.append((str(e["epoch"] + 1), split, *(_fmt(m.get(k)) for k in ("logloss", "auc", "rmse")),
-                         f"{sps:,.0f}" if split == "train" else ""))
+            rows.append(
+                (
+                    str(e["epoch"] + 1),
+                    split,
+                    *(_fmt(m.get(k)) for k in ("logloss", "auc", "rmse")),
+                    f"{sps:,.0f}" if split == "train" else "",
+                )
+            )
     for key in ("test", "test_low"):
         if key in summary:
             m = summary[key]
@@ -225,8 +285,9 @@ def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.5f}"
 
 
-def evaluate(checkpoint: str, *, split: str = "test", shards: str | None = None,
-             address: str | None = None) -> dict:
+def evaluate(
+    checkpoint: str, *, split: str = "test", shards: str | None = None, address: str | None = None
+) -> dict:
     """Metrics of `checkpoint` on `split`, computed in this process over a Ray Data stream."""
     import torch
 
@@ -236,7 +297,9 @@ def evaluate(checkpoint: str, *, split: str = "test", shards: str | None = None,
     from ravfm.train.checkpoint import load_model
 
     model, spec, meta = load_model(checkpoint)
-    shards = shards or meta["config"]["data"]["shards"] or str(Path("data") / meta["config"]["name"])
+    shards = (
+        shards or meta["config"]["data"]["shards"] or str(Path("data") / meta["config"]["name"])
+    )
     init_ray(address)
     quiet_data_context()
     ds = hashed_dataset(split_paths(shards, split), spec)

@@ -18,8 +18,9 @@ from ravfm.features.transform import transform
 __all__ = ["ROW_COLUMN", "hashed_dataset", "hash_batch", "quiet_data_context"]
 
 
-
-def hash_batch(table: pa.Table, spec: FeatureSpec, keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def hash_batch(
+    table: pa.Table, spec: FeatureSpec, keep: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
     """One Arrow batch -> {"ids" (B,F), "values" (B,F), "label" (B,), ["row" (B,)], kept columns}."""
     out = transform(table, spec)
     if ROW_COLUMN in table.column_names:
@@ -38,13 +39,24 @@ def quiet_data_context() -> None:
             setattr(ctx, attr, False)
 
 
-def hashed_dataset(paths: list[str], spec: FeatureSpec, *, shuffle_seed: int | None = None,
-                   keep: tuple[str, ...] = (), batch_rows: int = 65536,
-                   filesystem: Any = None) -> ray.data.Dataset:
+def hashed_dataset(
+    paths: list[str],
+    spec: FeatureSpec,
+    *,
+    shuffle_seed: int | None = None,
+    keep: tuple[str, ...] = (),
+    batch_rows: int = 65536,
+    filesystem: Any = None,
+) -> ray.data.Dataset:
     """A lazily hashed dataset over Parquet `paths`; file order shuffled per epoch if seeded."""
     from ray.data import FileShuffleConfig
 
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
     ds = ray.data.read_parquet(paths, shuffle=shuffle, filesystem=filesystem)
-    return ds.map_batches(hash_batch, batch_format="pyarrow", batch_size=batch_rows,
-                          fn_kwargs={"spec": spec, "keep": tuple(keep)}, zero_copy_batch=True)
+    return ds.map_batches(
+        hash_batch,
+        batch_format="pyarrow",
+        batch_size=batch_rows,
+        fn_kwargs={"spec": spec, "keep": tuple(keep)},
+        zero_copy_batch=True,
+    )

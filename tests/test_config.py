@@ -17,7 +17,9 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
 
 
 def test_resolved_config_round_trips_through_dict():
-    cfg = load_config(None, ["model.name=rafm", "model.rafm.ranks=[2,4,8]", "model.rafm.thresholds=[5,50]"])
+    cfg = load_config(
+        None, ["model.name=rafm", "model.rafm.ranks=[2,4,8]", "model.rafm.thresholds=[5,50]"]
+    )
     from ravfm.config import from_dict
 
     assert from_dict(RunConfig, to_dict(cfg)) == cfg

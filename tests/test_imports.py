@@ -52,8 +52,14 @@ def test_no_forbidden_import_edges():
 
 
 def test_relative_imports_are_not_used():
-    rel = [str(p) for p in PKG.rglob("*.py")
-           if any(isinstance(n, ast.ImportFrom) and n.level > 0 for n in ast.walk(ast.parse(p.read_text())))]
+    rel = [
+        str(p)
+        for p in PKG.rglob("*.py")
+        if any(
+            isinstance(n, ast.ImportFrom) and n.level > 0
+            for n in ast.walk(ast.parse(p.read_text()))
+        )
+    ]
     assert not rel, f"use absolute imports: {rel}"
 
 

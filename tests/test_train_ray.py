@@ -24,12 +24,27 @@ def ray_local():
 def _cfg(tmp, shared_data, name, *extra):
     from ravfm.config import load_config
 
-    return load_config(None, [
-        f"name={name}", f"runs_dir={tmp / 'runs'}", "data.dataset=criteo",
-        f"data.source={shared_data / 'criteo' / 'dac_sample_8k.txt'}", f"data.shards={tmp / 'shards'}",
-        "data.rows_per_shard=2000", "features.hash_bits=16", "model.k=8", "train.epochs=1",
-        "train.batch_size=256", "train.eval_batch_size=2048", "train.num_workers=2",
-        "train.cpus_per_worker=0.5", "embedding.sharding=rows", "optim.lr=0.05", *extra])
+    return load_config(
+        None,
+        [
+            f"name={name}",
+            f"runs_dir={tmp / 'runs'}",
+            "data.dataset=criteo",
+            f"data.source={shared_data / 'criteo' / 'dac_sample_8k.txt'}",
+            f"data.shards={tmp / 'shards'}",
+            "data.rows_per_shard=2000",
+            "features.hash_bits=16",
+            "model.k=8",
+            "train.epochs=1",
+            "train.batch_size=256",
+            "train.eval_batch_size=2048",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            "embedding.sharding=rows",
+            "optim.lr=0.05",
+            *extra,
+        ],
+    )
 
 
 def test_two_workers_train_report_checkpoint_and_resume_on_one(ray_local, tmp_path, shared_data):
@@ -53,8 +68,14 @@ def test_two_workers_train_report_checkpoint_and_resume_on_one(ray_local, tmp_pa
     assert one["logloss"] == pytest.approx(test["logloss"], rel=1e-5)
 
     # Resume the 2-worker run for a second epoch on 1 worker.
-    cfg2 = _cfg(tmp_path, shared_data, "e2e", "train.epochs=2", "train.num_workers=1",
-                "train.cpus_per_worker=1")
+    cfg2 = _cfg(
+        tmp_path,
+        shared_data,
+        "e2e",
+        "train.epochs=2",
+        "train.num_workers=1",
+        "train.cpus_per_worker=1",
+    )
     resumed = train(cfg2, resume=str(run / "checkpoints"))
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1]
     assert resumed["world_size"] == 1 and resumed["test"]["auc"] > 0.6
@@ -70,14 +91,22 @@ def test_rerunning_a_name_with_checkpoints_asks_for_resume(ray_local, tmp_path, 
 
 
 def test_killed_worker_restarts_from_checkpoint_and_sees_every_sample(
-        ray_local, tmp_path, shared_data, monkeypatch):
+    ray_local, tmp_path, shared_data, monkeypatch
+):
     from ravfm.driver import train
 
     marker = tmp_path / "killed"
     monkeypatch.setenv("RAVFM_FAULT_KILL_STEP", "7:1")
     monkeypatch.setenv("RAVFM_FAULT_MARKER", str(marker))
-    cfg = _cfg(tmp_path, shared_data, "chaos", "train.max_failures=2",
-               "train.checkpoint_every=3", "train.log_every=1", "train.shuffle_buffer=0")
+    cfg = _cfg(
+        tmp_path,
+        shared_data,
+        "chaos",
+        "train.max_failures=2",
+        "train.checkpoint_every=3",
+        "train.log_every=1",
+        "train.shuffle_buffer=0",
+    )
     summary = train(cfg)
     assert marker.exists(), "the fault was not injected"
     index = json.loads((tmp_path / "shards" / "_index.json").read_text())

@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
-    "DatasetSchema", "SCHEMAS", "CRITEO_INT", "CRITEO_CAT", "AVAZU_CAT", "ROW_COLUMN", "schema_for",
+    "DatasetSchema",
+    "SCHEMAS",
+    "CRITEO_INT",
+    "CRITEO_CAT",
+    "AVAZU_CAT",
+    "ROW_COLUMN",
+    "schema_for",
 ]
 
 # Every shard also carries the source row number (0-based over the whole source, Int64):
@@ -19,9 +25,27 @@ ROW_COLUMN = "_row"
 CRITEO_INT = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_CAT = tuple(f"C{i}" for i in range(1, 27))
 AVAZU_CAT = (
-    "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id", "app_domain",
-    "app_category", "device_id", "device_ip", "device_model", "device_type", "device_conn_type",
-    "C14", "C15", "C16", "C17", "C18", "C19", "C20", "C21",
+    "C1",
+    "banner_pos",
+    "site_id",
+    "site_domain",
+    "site_category",
+    "app_id",
+    "app_domain",
+    "app_category",
+    "device_id",
+    "device_ip",
+    "device_model",
+    "device_type",
+    "device_conn_type",
+    "C14",
+    "C15",
+    "C16",
+    "C17",
+    "C18",
+    "C19",
+    "C20",
+    "C21",
 )
 
 
@@ -50,7 +74,11 @@ class DatasetSchema:
 
 CRITEO = DatasetSchema(
     name="criteo",
-    columns={"label": "Int8", **{c: "Int64" for c in CRITEO_INT}, **{c: "String" for c in CRITEO_CAT}},
+    columns={
+        "label": "Int8",
+        **{c: "Int64" for c in CRITEO_INT},
+        **{c: "String" for c in CRITEO_CAT},
+    },
     label="label",
     categorical=CRITEO_CAT,
     numeric=CRITEO_INT,
@@ -58,8 +86,14 @@ CRITEO = DatasetSchema(
 
 AVAZU = DatasetSchema(
     name="avazu",
-    columns={"id": "String", "click": "Int8", "hour": "Int64", "hour_of_day": "Int8",
-             "weekday": "Int8", **{c: "String" for c in AVAZU_CAT}},
+    columns={
+        "id": "String",
+        "click": "Int8",
+        "hour": "Int64",
+        "hour_of_day": "Int8",
+        "weekday": "Int8",
+        **{c: "String" for c in AVAZU_CAT},
+    },
     label="click",
     categorical=("hour_of_day", "weekday") + AVAZU_CAT,
     passthrough=("id",),
@@ -69,9 +103,17 @@ AVAZU = DatasetSchema(
 # shards simply lack age/gender/occupation/zip (features built from the index's actual schema).
 MOVIELENS = DatasetSchema(
     name="movielens",
-    columns={"user_id": "Int64", "item_id": "Int64", "rating": "Float32", "timestamp": "Int64",
-             "age": "Int16", "gender": "String", "occupation": "String", "zip": "String",
-             "genres": "List(String)"},
+    columns={
+        "user_id": "Int64",
+        "item_id": "Int64",
+        "rating": "Float32",
+        "timestamp": "Int64",
+        "age": "Int16",
+        "gender": "String",
+        "occupation": "String",
+        "zip": "String",
+        "genres": "List(String)",
+    },
     label="rating",
     categorical=("user_id", "item_id"),
     passthrough=("user_id", "item_id", "timestamp"),
@@ -81,8 +123,12 @@ MOVIELENS_SIDE = ("age", "gender", "occupation", "genres")  # the side-feature v
 # libSVM / libFM: `label idx:val ...`; libFFM adds a field per pair (`field:idx:val`).
 LIBSVM = DatasetSchema(
     name="libsvm",
-    columns={"label": "Float32", "idx": "List(Int64)", "val": "List(Float32)",
-             "field": "List(Int32)"},
+    columns={
+        "label": "Float32",
+        "idx": "List(Int64)",
+        "val": "List(Float32)",
+        "field": "List(Int32)",
+    },
     label="label",
     multi=("idx",),
 )

@@ -47,15 +47,21 @@ MANIFEST = "manifest.json"
 
 def table_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Embedding tables of `model` by module path (anything with export_rows/import_rows)."""
-    return {name: m for name, m in model.named_modules()
-            if hasattr(m, "export_rows") and hasattr(m, "import_rows")}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if hasattr(m, "export_rows") and hasattr(m, "import_rows")
+    }
 
 
 def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers that are not embedding rows (replicated on every rank)."""
     tables = tuple(n + "." for n in table_modules(model))
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()
-            if not k.startswith(tables)}
+    return {
+        k: v.detach().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(tables)
+    }
 
 
 def _barrier(world: Any) -> None:
@@ -75,9 +81,19 @@ def _rows_payload(model: nn.Module, sparse_opt: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, sparse_opt: Any,
-                    dense_opt: torch.optim.Optimizer | None, world: Any, manifest: dict,
-                    spec_dir: str | Path, seen: np.ndarray | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model: nn.Module,
+    sparse_opt: Any,
+    dense_opt: torch.optim.Optimizer | None,
+    world: Any,
+    manifest: dict,
+    spec_dir: str | Path,
+    seen: np.ndarray | None = None,
+    keep: int = 2,
+) -> Path:
     """Write checkpoint `step` under `root` (all ranks call this); returns its final path."""
     root = Path(root)
     final = root / f"step-{step:09d}"
@@ -87,7 +103,9 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, sparse_opt
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(world)
-    save_file(_rows_payload(model, sparse_opt), str(tmp / f"rows-{rank:05d}-of-{size:05d}.safetensors"))
+    save_file(
+        _rows_payload(model, sparse_opt), str(tmp / f"rows-{rank:05d}-of-{size:05d}.safetensors")
+    )
     if seen is not None:
         np.save(tmp / f"seen-{rank:05d}.npy", np.asarray(seen, dtype=np.int64))
     if rank == 0:
@@ -95,8 +113,14 @@ def save_checkpoint(root: str | Path, step: int, *, model: nn.Module, sparse_opt
         if dense_opt is not None:
             torch.save(dense_opt.state_dict(), tmp / "dense_optim.pt")
         shutil.copytree(spec_dir, tmp / "spec")
-        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": size,
-                "written_at": time.time(), "versions": _versions(), **manifest}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": size,
+            "written_at": time.time(),
+            "versions": _versions(),
+            **manifest,
+        }
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
     _barrier(world)
     if rank == 0:
@@ -126,7 +150,7 @@ def _versions() -> dict[str, str]:
 
 def _prune(root: Path, keep: int) -> None:
     done = sorted(p for p in root.glob("step-*") if (p / MANIFEST).exists())
-    for old in done[:-max(1, keep)]:
+    for old in done[: -max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -143,18 +167,27 @@ def read_manifest(path: str | Path) -> dict:
     """The manifest of checkpoint `path` (a step directory or a run's checkpoints/ directory)."""
     ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise UserError(f"no checkpoint found at {path}; pass a checkpoint directory "
-                        "(runs/NAME/checkpoints or one of its step-* folders)")
+        raise UserError(
+            f"no checkpoint found at {path}; pass a checkpoint directory "
+            "(runs/NAME/checkpoints or one of its step-* folders)"
+        )
     meta = json.loads((ckpt / MANIFEST).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"checkpoint {ckpt} has format version {meta.get('format_version')}, this "
-                        f"ravfm reads version {FORMAT_VERSION}; use the ravfm release that wrote it")
+        raise UserError(
+            f"checkpoint {ckpt} has format version {meta.get('format_version')}, this "
+            f"ravfm reads version {FORMAT_VERSION}; use the ravfm release that wrote it"
+        )
     meta["path"] = str(ckpt)
     return meta
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module, sparse_opt: Any = None,
-                    dense_opt: torch.optim.Optimizer | None = None) -> dict:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    sparse_opt: Any = None,
+    dense_opt: torch.optim.Optimizer | None = None,
+) -> dict:
     """Load checkpoint `path` into `model` (and optimizers); every rank reads every rows file
     and keeps the rows it owns, so the saving and loading world sizes may differ."""
     meta = read_manifest(path)
@@ -163,19 +196,23 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, sparse_opt: Any = Non
     missing = set(dense_state(model)) - set(dense)
     unexpected = set(dense) - set(dense_state(model))
     if missing or unexpected:
-        raise UserError(f"checkpoint {ckpt} does not fit this model (missing {sorted(missing)[:3]}, "
-                        f"unexpected {sorted(unexpected)[:3]}); train with the checkpoint's config")
+        raise UserError(
+            f"checkpoint {ckpt} does not fit this model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); train with the checkpoint's config"
+        )
     model.load_state_dict(dense, strict=False)
     tables = table_modules(model)
     for f in sorted(ckpt.glob("rows-*.safetensors")):
         rows = load_file(str(f))
         for name, table in tables.items():
             if f"{name}/ids" not in rows:
-                raise UserError(f"checkpoint {ckpt} has no rows for table {name}; train with the "
-                                "checkpoint's model config")
+                raise UserError(
+                    f"checkpoint {ckpt} has no rows for table {name}; train with the "
+                    "checkpoint's model config"
+                )
             table.import_rows(rows[f"{name}/ids"], rows[f"{name}/weight"])
         if sparse_opt is not None:
-            state = {k[len("optim/"):]: v for k, v in rows.items() if k.startswith("optim/")}
+            state = {k[len("optim/") :]: v for k, v in rows.items() if k.startswith("optim/")}
             sparse_opt.import_state(state)
     if dense_opt is not None and (ckpt / "dense_optim.pt").exists():
         dense_opt.load_state_dict(torch.load(ckpt / "dense_optim.pt", weights_only=True))
@@ -199,8 +236,9 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, d
     meta = read_manifest(path)
     cfg = from_dict(RunConfig, meta["config"])
     world = World.single(torch.device(device))
-    model, spec = build_for_training(cfg, Path(meta["path"]) / "spec", world,
-                                     n_train=int(meta.get("n_train", 1)), kind="sparse")
+    model, spec = build_for_training(
+        cfg, Path(meta["path"]) / "spec", world, n_train=int(meta.get("n_train", 1)), kind="sparse"
+    )
     load_checkpoint(meta["path"], model=model)
     model.eval()
     return model, spec, meta

@@ -69,7 +69,7 @@ def lr_factor(step: int, total_steps: int, epoch: int, cfg: OptimConfig) -> floa
         t = min(1.0, (step - cfg.warmup_steps) / (total_steps - cfg.warmup_steps))
         return 0.5 * (1.0 + math.cos(math.pi * t))
     if cfg.schedule == "step":
-        return cfg.step_gamma ** epoch
+        return cfg.step_gamma**epoch
     return 1.0
 
 
@@ -92,16 +92,34 @@ def _set_lr(opt: object, lr: float) -> None:
 class Trainer:
     """Model, optimizers and world for one rank; `fit_epoch` and `evaluate` are the loop."""
 
-    def __init__(self, model: nn.Module, sparse_opt: object, dense_opt: object, world: World, *,
-                 task: str, optim: OptimConfig, num_fields: int, bf16: bool = False,
-                 total_steps: int = 0) -> None:
-        self.empty = Batch(torch.zeros(0, num_fields, dtype=torch.int64), torch.zeros(0, num_fields),
-                           torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    def __init__(
+        self,
+        model: nn.Module,
+        sparse_opt: object,
+        dense_opt: object,
+        world: World,
+        *,
+        task: str,
+        optim: OptimConfig,
+        num_fields: int,
+        bf16: bool = False,
+        total_steps: int = 0,
+    ) -> None:
+        self.empty = Batch(
+            torch.zeros(0, num_fields, dtype=torch.int64),
+            torch.zeros(0, num_fields),
+            torch.zeros(0),
+            torch.zeros(0, dtype=torch.int64),
+        )
         self.model, self.sparse_opt, self.dense_opt = model, sparse_opt, dense_opt
         self.world, self.task, self.optim, self.total_steps = world, task, optim, total_steps
         use_bf16 = bf16 and world.device.type == "cuda"
-        self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-        self._dense = [p for n, p in model.named_parameters() if p.requires_grad and not _is_table(model, n)]
+        self._autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        )
+        self._dense = [
+            p for n, p in model.named_parameters() if p.requires_grad and not _is_table(model, n)
+        ]
 
     def step(self, batch: Batch, position: Position) -> torch.Tensor:
         """One optimizer step on `batch`; returns the raw outputs (B,) for metrics."""
@@ -126,8 +144,12 @@ class Trainer:
         position.epoch_samples += len(batch)
         return raw.detach()
 
-    def fit_epoch(self, batches: Iterable[Batch], position: Position,
-                  on_step: Callable[[Position, MetricState, float], bool] | None = None) -> MetricState:
+    def fit_epoch(
+        self,
+        batches: Iterable[Batch],
+        position: Position,
+        on_step: Callable[[Position, MetricState, float], bool] | None = None,
+    ) -> MetricState:
         """Train over `batches` once (lockstep across ranks). `on_step(position, metrics,
         seconds)` runs after every step and may return True to stop early (same on all ranks)."""
         state = MetricState(self.task)
@@ -149,8 +171,11 @@ class Trainer:
         state = MetricState(self.task)
         for batch in lockstep(batches, self.world, self.empty):
             batch = batch.to(self.world.device, non_blocking=True)
-            raw = self.model.predict(batch.ids, batch.values, low=True) if low else \
-                self.model.predict(batch.ids, batch.values)
+            raw = (
+                self.model.predict(batch.ids, batch.values, low=True)
+                if low
+                else self.model.predict(batch.ids, batch.values)
+            )
             state.update(raw.float(), batch.label, self.task)
         return merged(state, self.world).compute()
 

@@ -22,15 +22,24 @@ def table_kind(cfg: RunConfig, world: World) -> str:
     return "rows" if cfg.embedding.sharding == "rows" and world.size > 1 else "sparse"
 
 
-def build_for_training(cfg: RunConfig, spec_dir: str | Path, world: World, *, n_train: int,
-                       kind: str | None = None) -> tuple[nn.Module, FeatureSpec]:
+def build_for_training(
+    cfg: RunConfig, spec_dir: str | Path, world: World, *, n_train: int, kind: str | None = None
+) -> tuple[nn.Module, FeatureSpec]:
     spec = FeatureSpec.load(spec_dir)
     freqs = load_frequencies(spec_dir, spec.num_rows) if cfg.model.name == "rafm" else None
-    make_table = table_factory(kind or table_kind(cfg, world), world, dtype=torch.float32,
-                               device=world.device)
-    model = build_model(cfg.model, num_rows=spec.num_rows, num_fields=spec.num_fields,
-                        field_index=list(spec.field_index), task=cfg.task, n_train=n_train,
-                        frequencies=freqs, make_table=make_table)
+    make_table = table_factory(
+        kind or table_kind(cfg, world), world, dtype=torch.float32, device=world.device
+    )
+    model = build_model(
+        cfg.model,
+        num_rows=spec.num_rows,
+        num_fields=spec.num_fields,
+        field_index=list(spec.field_index),
+        task=cfg.task,
+        n_train=n_train,
+        frequencies=freqs,
+        make_table=make_table,
+    )
     return model.to(world.device), spec
 
 

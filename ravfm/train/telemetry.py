@@ -27,16 +27,29 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 class Telemetry:
     """Rank 0's logs for one run directory."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, world: World, *, steps_per_epoch: int,
-                 resumed_from: str | None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: RunConfig,
+        world: World,
+        *,
+        steps_per_epoch: int,
+        resumed_from: str | None,
+    ) -> None:
         self.run_dir, self.cfg, self.world = Path(run_dir), cfg, world
         self.active = world.rank == 0
         self.steps_per_epoch = steps_per_epoch
         self._tb = None
         if self.active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._event({"event": "start", "world_size": world.size, "device": str(world.device),
-                         "resumed_from": resumed_from})
+            self._event(
+                {
+                    "event": "start",
+                    "world_size": world.size,
+                    "device": str(world.device),
+                    "resumed_from": resumed_from,
+                }
+            )
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -54,11 +67,18 @@ class Telemetry:
             return
         sps = pos.epoch_samples * self.world.size / max(seconds, 1e-9)
         local = state.compute()
-        write_json_atomic(self.run_dir / "progress.json", {
-            "epoch": pos.epoch, "epochs": self.cfg.train.epochs, "step": pos.step,
-            "epoch_step": pos.epoch_samples // max(1, self.cfg.train.batch_size),
-            "steps_per_epoch": self.steps_per_epoch, "samples_per_s": sps,
-            "train_rank0": {k: v for k, v in local.items() if k in ("logloss", "auc", "rmse")}})
+        write_json_atomic(
+            self.run_dir / "progress.json",
+            {
+                "epoch": pos.epoch,
+                "epochs": self.cfg.train.epochs,
+                "step": pos.step,
+                "epoch_step": pos.epoch_samples // max(1, self.cfg.train.batch_size),
+                "steps_per_epoch": self.steps_per_epoch,
+                "samples_per_s": sps,
+                "train_rank0": {k: v for k, v in local.items() if k in ("logloss", "auc", "rmse")},
+            },
+        )
         if self._tb is not None:
             self._tb.add_scalar("train/samples_per_s", sps, pos.step)
             for k in ("logloss", "auc", "rmse"):
@@ -69,12 +89,28 @@ class Telemetry:
         if not self.active:
             return
         sps = train.get("n", 0) / max(seconds, 1e-9)
-        self._event({"event": "epoch", "epoch": pos.epoch, "step": pos.step, "train": train,
-                     "valid": valid, "seconds": seconds, "samples_per_s": sps})
-        write_json_atomic(self.run_dir / "progress.json", {
-            "epoch": pos.epoch, "epochs": self.cfg.train.epochs, "step": pos.step,
-            "steps_per_epoch": self.steps_per_epoch, "samples_per_s": sps,
-            "epoch_done": {"train": train, "valid": valid}})
+        self._event(
+            {
+                "event": "epoch",
+                "epoch": pos.epoch,
+                "step": pos.step,
+                "train": train,
+                "valid": valid,
+                "seconds": seconds,
+                "samples_per_s": sps,
+            }
+        )
+        write_json_atomic(
+            self.run_dir / "progress.json",
+            {
+                "epoch": pos.epoch,
+                "epochs": self.cfg.train.epochs,
+                "step": pos.step,
+                "steps_per_epoch": self.steps_per_epoch,
+                "samples_per_s": sps,
+                "epoch_done": {"train": train, "valid": valid},
+            },
+        )
         if self._tb is not None:
             for split, m in (("train", train), ("valid", valid)):
                 for k in ("logloss", "auc", "rmse", "mae"):
@@ -84,10 +120,17 @@ class Telemetry:
             self._tb.flush()
 
     def finish(self, test: dict, history: dict, extra: dict) -> dict:
-        summary = {"name": self.cfg.name, "model": self.cfg.model.name, "task": self.cfg.task,
-                   "world_size": self.world.size, "test": test, **extra,
-                   "epochs": history.get("epochs", []), "best_valid": history.get("best"),
-                   "restarts": history.get("restarts", [])}
+        summary = {
+            "name": self.cfg.name,
+            "model": self.cfg.model.name,
+            "task": self.cfg.task,
+            "world_size": self.world.size,
+            "test": test,
+            **extra,
+            "epochs": history.get("epochs", []),
+            "best_valid": history.get("best"),
+            "restarts": history.get("restarts", []),
+        }
         if self.active:
             self._event({"event": "test", "test": test, **extra})
             write_json_atomic(self.run_dir / "summary.json", summary)

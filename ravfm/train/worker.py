@@ -31,8 +31,14 @@ from ravfm.train.telemetry import Telemetry
 __all__ = ["train_fn", "worker_batches"]
 
 
-def worker_batches(shard: Any, batch_size: int, *, seed: int | None = None,
-                   shuffle_buffer: int = 0, skip: np.ndarray | None = None):
+def worker_batches(
+    shard: Any,
+    batch_size: int,
+    *,
+    seed: int | None = None,
+    shuffle_buffer: int = 0,
+    skip: np.ndarray | None = None,
+):
     """Batches of this rank's dataset shard as Batch tensors, with no per-row Python.
     Rows whose row number is in `skip` (already trained before a restart) are dropped."""
     kwargs = {}
@@ -59,11 +65,22 @@ def train_fn(config: dict) -> None:
     model, spec = build_for_training(cfg, config["spec_dir"], world, n_train=config["n_train"])
     sparse_opt, dense_opt = build_optimizers(model, cfg.optim)
     steps_per_epoch = max(1, config["n_train"] // (cfg.train.batch_size * world.size))
-    trainer = Trainer(model, sparse_opt, dense_opt, world, task=cfg.task, optim=cfg.optim,
-                      num_fields=spec.num_fields, bf16=cfg.train.bf16, total_steps=steps_per_epoch * cfg.train.epochs)
+    trainer = Trainer(
+        model,
+        sparse_opt,
+        dense_opt,
+        world,
+        task=cfg.task,
+        optim=cfg.optim,
+        num_fields=spec.num_fields,
+        bf16=cfg.train.bf16,
+        total_steps=steps_per_epoch * cfg.train.epochs,
+    )
     position, history, skip = Position(), {}, None
 
-    start_from = latest_checkpoint(ckpt_root) or (config.get("resume") and latest_checkpoint(config["resume"]))
+    start_from = latest_checkpoint(ckpt_root) or (
+        config.get("resume") and latest_checkpoint(config["resume"])
+    )
     if start_from:
         meta = load_checkpoint(start_from, model=model, sparse_opt=sparse_opt, dense_opt=dense_opt)
         pos = meta["position"]
@@ -79,22 +96,40 @@ def train_fn(config: dict) -> None:
     if world.rank == 0:
         (run_dir / f".started-{config.get('invocation', '')}").touch()
 
-    telemetry = Telemetry(run_dir, cfg, world, steps_per_epoch=steps_per_epoch,
-                          resumed_from=str(start_from) if start_from else None)
+    telemetry = Telemetry(
+        run_dir,
+        cfg,
+        world,
+        steps_per_epoch=steps_per_epoch,
+        resumed_from=str(start_from) if start_from else None,
+    )
     metric = early_stopping_metric(cfg)
     train_shard = ray.train.get_dataset_shard("train")  # (2) this rank's streamed shards
     valid_shard = ray.train.get_dataset_shard("valid")
     test_shard = ray.train.get_dataset_shard("test")
 
     def checkpoint(mid_epoch: bool) -> None:
-        manifest = {"epoch": position.epoch, "position": {"epoch": position.epoch,
-                    "step": position.step, "mid_epoch": mid_epoch},
-                    "config": config["cfg"], "task": cfg.task, "n_train": config["n_train"],
-                    "model": cfg.model.name, "history": history}
-        save_checkpoint(ckpt_root, position.step, model=model, sparse_opt=sparse_opt,
-                        dense_opt=dense_opt, world=world, manifest=manifest,
-                        spec_dir=config["spec_dir"], seen=position.seen_rows() if mid_epoch else None,
-                        keep=cfg.train.keep_checkpoints)
+        manifest = {
+            "epoch": position.epoch,
+            "position": {"epoch": position.epoch, "step": position.step, "mid_epoch": mid_epoch},
+            "config": config["cfg"],
+            "task": cfg.task,
+            "n_train": config["n_train"],
+            "model": cfg.model.name,
+            "history": history,
+        }
+        save_checkpoint(
+            ckpt_root,
+            position.step,
+            model=model,
+            sparse_opt=sparse_opt,
+            dense_opt=dense_opt,
+            world=world,
+            manifest=manifest,
+            spec_dir=config["spec_dir"],
+            seen=position.seen_rows() if mid_epoch else None,
+            keep=cfg.train.keep_checkpoints,
+        )
 
     def on_step(pos: Position, state: Any, seconds: float) -> bool:
         telemetry.step(pos, state, seconds)
@@ -106,16 +141,27 @@ def train_fn(config: dict) -> None:
     best, bad_epochs = history.get("best"), history.get("bad_epochs", 0)
     while position.epoch < cfg.train.epochs:
         t0 = time.perf_counter()
-        batches = worker_batches(train_shard, cfg.train.batch_size, seed=cfg.seed + position.epoch,
-                                 shuffle_buffer=cfg.train.shuffle_buffer, skip=skip)
+        batches = worker_batches(
+            train_shard,
+            cfg.train.batch_size,
+            seed=cfg.seed + position.epoch,
+            shuffle_buffer=cfg.train.shuffle_buffer,
+            skip=skip,
+        )
         state = trainer.fit_epoch(batches, position, on_step)
         train_metrics = merged(state, world).compute()
         seconds = time.perf_counter() - t0
         valid = trainer.evaluate(worker_batches(valid_shard, cfg.train.eval_batch_size))
         skip = None
         history.setdefault("epochs", []).append(
-            {"epoch": position.epoch, "train": train_metrics, "valid": valid, "seconds": seconds,
-             "seen": world_sum(world, len(position.seen_rows()))})
+            {
+                "epoch": position.epoch,
+                "train": train_metrics,
+                "valid": valid,
+                "seconds": seconds,
+                "seen": world_sum(world, len(position.seen_rows())),
+            }
+        )
         telemetry.epoch(position, train_metrics, valid, seconds)
         value = valid.get(metric)
         if value is not None and improved(metric, value, best):
@@ -124,7 +170,8 @@ def train_fn(config: dict) -> None:
             bad_epochs += 1
         history.update(best=best, bad_epochs=bad_epochs)
         stop = bool(cfg.train.max_steps and position.step >= cfg.train.max_steps) or bool(
-            cfg.train.early_stopping_patience and bad_epochs >= cfg.train.early_stopping_patience)
+            cfg.train.early_stopping_patience and bad_epochs >= cfg.train.early_stopping_patience
+        )
         position.next_epoch()
         checkpoint(mid_epoch=False)
         if stop:
@@ -134,7 +181,8 @@ def train_fn(config: dict) -> None:
     extra = {}
     if cfg.model.name == "rafm":
         extra["test_low"] = trainer.evaluate(
-            worker_batches(test_shard, cfg.train.eval_batch_size), low=True)
+            worker_batches(test_shard, cfg.train.eval_batch_size), low=True
+        )
     summary = telemetry.finish(test, history, extra)
     ray.train.report({"summary": json.dumps(summary)})  # (3) back to the driver
 
@@ -153,8 +201,11 @@ def _restart_record(run_dir: Path, meta: dict, cfg: RunConfig, world: World) -> 
         pass
     steps = last - meta["position"]["step"]
     bound = max(steps, cfg.train.checkpoint_every or 0) * cfg.train.batch_size * world.size
-    return {"from_step": meta["position"]["step"], "last_logged_step": last,
-            "repeated_samples_at_most": bound}
+    return {
+        "from_step": meta["position"]["step"],
+        "last_logged_step": last,
+        "repeated_samples_at_most": bound,
+    }
 
 
 def _maybe_inject_fault(fault: dict, step: int, rank: int) -> None:
@@ -175,4 +226,3 @@ def world_sum(world: World, n: int) -> int:
     t = torch.tensor([float(n)], dtype=torch.float64)
     world.all_reduce_(t)
     return int(t.item())
-
