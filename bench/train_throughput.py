@@ -86,9 +86,9 @@ class _BagFM(FM):
     outputs; the (B, F, K+1) rows are never built)."""
 
     def forward(self, ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        sums, sq = self.table.bag(ids, values, squares=True)  # (B, K+1) each
+        sums, nsq = self.table.bag(ids, values, norms=((1, self.k + 1),))  # (B, K+1), (B, 1)
         s = sums[:, 1:]
-        return self.bias + sums[:, 0] + 0.5 * ((s * s).sum(1) - sq[:, 1:].sum(1))
+        return self.bias + sums[:, 0] + 0.5 * ((s * s).sum(1) - nsq[:, 0])
 
     def loss(self, batch: Batch, task: str) -> tuple[torch.Tensor, torch.Tensor]:
         raw = self.forward(batch.ids, batch.values)

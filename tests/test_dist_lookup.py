@@ -69,52 +69,50 @@ def test_expand_backward_is_the_coalesced_gradient_of_a_gather():
     assert torch.equal(expand(rows.detach(), d), rows.detach()[d.inv])
 
 
-@pytest.mark.parametrize("squares", [False, True])
-def test_bag_matches_field_sums_and_their_gradients(squares):
-    b, f, dim = 6, 4, 3
+@pytest.mark.parametrize("norms", [(), ((1, 4),), ((0, 1), (1, 4))])
+def test_bag_matches_field_sums_group_norms_and_their_gradients(norms):
+    b, f, dim = 6, 4, 4
     ids = _ids(b * f, 9)
     d = dedupe(ids)
     rows = torch.randn(d.uniq.numel(), dim, dtype=torch.float64, requires_grad=True)
     w = torch.randn(b * f, dtype=torch.float64, requires_grad=True)
-    out = bag(rows, d, w, f, squares=squares)
-    sums, sq = out if squares else (out, None)
+    out = bag(rows, d, w, f, norms=norms)
+    sums, nsq = out if norms else (out, None)
     ref_rows = rows.detach().clone().requires_grad_()
     ref_w = w.detach().clone().requires_grad_()
-    r = ref_rows[d.inv].view(b, f, dim)  # the definition: loop-free but literal
+    r = ref_rows[d.inv].view(b, f, dim)  # the definition, loop-free but literal
     ref_sums = (ref_w.view(b, f, 1) * r).sum(1)
-    ref_sq = (ref_w.view(b, f, 1) ** 2 * r**2).sum(1)
+    ref_nsq = (
+        torch.stack(
+            [(ref_w.view(b, f) ** 2 * (r[..., lo:hi] ** 2).sum(-1)).sum(1) for lo, hi in norms], 1
+        )
+        if norms
+        else None
+    )
     for i in range(b):  # and one example by hand
         expected = sum(w[i * f + j].item() * rows[d.inv[i * f + j]].detach() for j in range(f))
         torch.testing.assert_close(sums[i].detach(), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(sums, ref_sums, rtol=0, atol=1e-12)
     g1 = torch.randn(b, dim, dtype=torch.float64)
-    g2 = torch.randn(b, dim, dtype=torch.float64)
-    loss = (sums * g1).sum() + ((sq * g2).sum() if squares else 0)
-    ref_loss = (ref_sums * g1).sum() + ((ref_sq * g2).sum() if squares else 0)
-    if squares:
-        torch.testing.assert_close(sq, ref_sq, rtol=0, atol=1e-12)
+    loss, ref_loss = (sums * g1).sum(), (ref_sums * g1).sum()
+    if norms:
+        torch.testing.assert_close(nsq, ref_nsq, rtol=0, atol=1e-12)
+        g2 = torch.randn(b, len(norms), dtype=torch.float64)
+        loss, ref_loss = loss + (nsq * g2).sum(), ref_loss + (ref_nsq * g2).sum()
     loss.backward()
     ref_loss.backward()
     torch.testing.assert_close(rows.grad, ref_rows.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(w.grad, ref_w.grad, rtol=0, atol=1e-12)
 
 
-def test_bag_with_binary_weights_takes_the_fused_path_and_agrees():
+def test_bag_norms_alone_get_their_gradient():
     b, f, dim = 5, 3, 4
     ids = _ids(b * f, 7, seed=2)
     d = dedupe(ids)
     rows = torch.randn(d.uniq.numel(), dim, dtype=torch.float64, requires_grad=True)
-    w = (torch.arange(b * f) % 3 != 0).double()  # 0/1: one bag over [rows, rows^2]
-    sums, sq = bag(rows, d, w, f, squares=True)
-    ref_rows = rows.detach().clone().requires_grad_()
-    r = ref_rows[d.inv].view(b, f, dim) * w.view(b, f, 1)
-    torch.testing.assert_close(sums, r.sum(1), rtol=0, atol=1e-12)
-    torch.testing.assert_close(sq, (r * r).sum(1), rtol=0, atol=1e-12)
-    g1, g2 = torch.randn(b, dim, dtype=torch.float64), torch.randn(b, dim, dtype=torch.float64)
-    ((sums * g1).sum() + (sq * g2).sum()).backward()
-    ((r.sum(1) * g1).sum() + ((r * r).sum(1) * g2).sum()).backward()
-    torch.testing.assert_close(rows.grad, ref_rows.grad, rtol=0, atol=1e-12)
-    rows.grad = None
-    bag(rows, d, w, f, squares=True)[1].sum().backward()  # no gradient reaches the sums
+    w = (torch.arange(b * f) % 3 != 0).double()  # 0/1 weights, as one-hot fields and padding
+    bag(rows, d, w, f, norms=((1, dim),))[1].sum().backward()  # no gradient reaches the sums
     hits = torch.zeros(d.uniq.numel(), dtype=torch.float64).index_add_(0, d.inv, w)
-    torch.testing.assert_close(rows.grad, 2 * rows.detach() * hits[:, None], rtol=0, atol=1e-12)
+    expected = 2 * rows.detach() * hits[:, None]
+    expected[:, 0] = 0  # column 0 is outside the group
+    torch.testing.assert_close(rows.grad, expected, rtol=0, atol=1e-12)

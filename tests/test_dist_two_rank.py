@@ -140,10 +140,11 @@ def _empty_rank_step(world, model, ref, sparse_opt, ref_sparse, kind: str) -> No
 
 def _check_bag(world: World, model: FM, ref: FM, batch: Batch, lo: int, hi: int) -> None:
     """table.bag on half a batch per rank equals the reference's on the whole batch."""
-    sums, sq = model.table.bag(batch.ids[lo:hi], batch.values[lo:hi], squares=True)
-    ref_sums, ref_sq = ref.table.bag(batch.ids, batch.values, squares=True)
+    norms = ((0, 1), (1, K + 1))
+    sums, sq = model.table.bag(batch.ids[lo:hi], batch.values[lo:hi], norms=norms)
+    ref_sums, ref_sq = ref.table.bag(batch.ids, batch.values, norms=norms)
     _close(sums, ref_sums[lo:hi], "bag sums")
-    _close(sq, ref_sq[lo:hi], "bag squares")
+    _close(sq, ref_sq[lo:hi], "bag norms")
     ((sums**2).sum() + sq.sum()).div(hi - lo).backward()  # mean over this rank's examples
     ((ref_sums**2).sum() + ref_sq.sum()).div(B).backward()
     g, rg = model.table.sparse_grad(), ref.table.sparse_grad()

@@ -4,8 +4,8 @@ ranks) and `RowShardedTable` (row r lives on rank r % W), plus `table_factory`.
 Both hold their rows in a buffer (ravfm.dist.rows.LocalRows: never an nn.Parameter, so no
 dense gradient and no DDP). A forward pass with gradients enabled deduplicates the ids with one
 sort, gathers the U unique rows and expands them (`table(ids)`, the contract of
-ravfm.model.layers) or sums them per example (`table.bag(ids, values)`, the FM terms without a
-(B, F, dim) tensor); its backward hands the coalesced gradient (rows (U,), grads (U, dim)) to the
+ravfm.model.layers) or sums them per example (`table.bag(ids, values, norms)`, the FM terms
+without a (B, F, dim) tensor); its backward hands the coalesced gradient (rows (U,), grads (U, dim)) to the
 table, where a ravfm.dist.optim optimizer picks it up in `step()`. Only the touched rows are
 read or written: nothing walks the whole table.
 
@@ -48,12 +48,12 @@ class SparseTable(LocalRows):
         """ids (...,) int64 in [0, num_rows) -> rows (..., dim)."""
         return self._lookup(ids.reshape(-1)).view(*ids.shape, self.dim)
 
-    def bag(self, ids: Tensor, weights: Tensor, squares: bool = False):
-        """ids, weights (B, F) -> sums[b] = sum_f weights[b, f] * row(ids[b, f]) (B, dim), and
-        with squares=True also sum_f weights^2 * row^2 (B, dim); see ravfm.dist.lookup.bag.
-        The FM terms without the (B, F, dim) rows: linear = sums[:, 0], pairwise =
-        0.5 * (|sums[:, 1:]|^2 - sq[:, 1:].sum(1))."""
-        return self._bag(ids.reshape(-1), weights, ids.shape[-1], squares)
+    def bag(self, ids: Tensor, weights: Tensor, norms: tuple[tuple[int, int], ...] = ()):
+        """ids, weights (B, F) -> sums[b] = sum_f weights[b, f] * row(ids[b, f]) (B, dim); with
+        norms = ((a, b), ...) also nsq[b, g] = sum_f weights^2 |row[a:b]|^2 (B, G), as
+        (sums, nsq); see ravfm.dist.lookup.bag. The FM terms without (B, F, dim) rows:
+        linear = sums[:, 0], pairwise = 0.5 (|sums[:, 1:]|^2 - nsq[:, 0]), norms=((1, dim),)."""
+        return self._bag(ids.reshape(-1), weights, ids.shape[-1], norms)
 
     def sparse_grad(self) -> SparseGrad | None:
         w = self.world
@@ -144,12 +144,12 @@ class RowShardedTable(LocalRows):
             return self._lookup(flat).view(*ids.shape, self.dim)
         return expand(*self._route(flat)).view(*ids.shape, self.dim)
 
-    def bag(self, ids: Tensor, weights: Tensor, squares: bool = False):
-        """ids, weights (B, F) -> field sums (B, dim) [and sums of squares]; as SparseTable.bag."""
+    def bag(self, ids: Tensor, weights: Tensor, norms: tuple[tuple[int, int], ...] = ()):
+        """ids, weights (B, F) -> field sums (B, dim) [and group norms]; as SparseTable.bag."""
         flat = ids.reshape(-1)
         if self.world.size == 1:
-            return self._bag(flat, weights, ids.shape[-1], squares)
-        return bag(*self._route(flat), weights, ids.shape[-1], squares)
+            return self._bag(flat, weights, ids.shape[-1], norms)
+        return bag(*self._route(flat), weights, ids.shape[-1], norms)
 
 
 def table_factory(

@@ -97,73 +97,70 @@ def _bag_sum(index: Tensor, table: Tensor, offsets: Tensor, weights: Tensor) -> 
     )
 
 
+def _group_matrix(dim: int, norms: tuple[tuple[int, int], ...], like: Tensor) -> Tensor:
+    """(dim, G): column g has ones on rows a..b-1 of norms[g] = (a, b)."""
+    gm = like.new_zeros(dim, len(norms))
+    for g, (a, b) in enumerate(norms):
+        gm[a:b, g] = 1
+    return gm
+
+
 class _Bag(torch.autograd.Function):
-    """Per-example weighted sums of unique rows, and of their squares; the backward is again a
-    bag, over the (B, D) output gradients, so no (M, D) tensor exists in either pass."""
+    """Per-example weighted sums of unique rows, and weighted squared norms of column groups;
+    the backward is again a bag, over the (B, ...) output gradients: no (M, D) tensor exists
+    in either pass."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, d: Dedup, weights: Tensor, fields: int, squares: bool):
+    def forward(ctx, rows: Tensor, d: Dedup, weights: Tensor, fields: int, norms: tuple):
         offsets = torch.arange(0, weights.shape[0], fields, device=weights.device)
-        # 0/1 weights (one-hot and padded fields) have w^2 = w: one bag over [rows, rows^2]
-        binary = squares and torch.equal(weights * weights, weights)
-        if binary:
-            dim = rows.shape[1]
-            table = rows.new_empty(rows.shape[0], 2 * dim)  # [rows, rows^2] (U, 2D)
-            table[:, :dim] = rows
-            torch.mul(rows, rows, out=table[:, dim:])
-            both = _bag_sum(d.inv, table, offsets, weights)
-            sums, sq = both[:, :dim].contiguous(), both[:, dim:].contiguous()
-        else:
-            sums = _bag_sum(d.inv, rows, offsets, weights)  # (B, D)
-            sq = _bag_sum(d.inv, rows * rows, offsets, weights * weights) if squares else None
-        ctx.save_for_backward(rows, weights)
-        ctx.d, ctx.fields, ctx.squares, ctx.binary = d, fields, squares, binary
-        return sums, sq if sq is not None else sums.new_zeros(sums.shape[0], 0)
+        sums = _bag_sum(d.inv, rows, offsets, weights)  # (B, D)
+        gm = _group_matrix(rows.shape[1], norms, rows)
+        nsq = sums.new_zeros(sums.shape[0], 0)
+        if norms:
+            row_norms = (rows * rows) @ gm  # (U, G) squared norm of each group
+            nsq = _bag_sum(d.inv, row_norms, offsets, weights * weights)  # (B, G)
+        ctx.save_for_backward(rows, weights, gm)
+        ctx.d, ctx.fields = d, fields
+        return sums, nsq
 
     @staticmethod
-    def backward(ctx, g_sums: Tensor | None, g_sq: Tensor | None):
-        rows, weights = ctx.saved_tensors
-        d, fields, dim = ctx.d, ctx.fields, rows.shape[1]
+    def backward(ctx, g_sums: Tensor | None, g_nsq: Tensor | None):
+        rows, weights, gm = ctx.saved_tensors
+        d, fields = ctx.d, ctx.fields
         example = d.perm // fields  # (M,) the example of each position, in sorted-id order
         w_sorted = weights.index_select(0, d.perm)
         starts = d.crow[:-1]
-        g_sums = g_sums if g_sums is not None else rows.new_zeros(0, dim)  # absent: (0, D)
-        has_sq = ctx.squares and g_sq is not None
-        if has_sq and ctx.binary:  # sum_m w_m [g, g_sq][b(m)] in one bag
-            both = _bag_sum(
-                example, torch.cat([_or_zeros(g_sums, g_sq), g_sq], 1), starts, w_sorted
-            )
-            grad = torch.addcmul(both[:, :dim], both[:, dim:], rows, value=2)  # contiguous
+        has_nsq = g_nsq is not None and gm.shape[1] > 0
+        if g_sums is not None:
+            grad = _bag_sum(example, g_sums, starts, w_sorted)  # sum_m w_m g[b(m)]  (U, D)
         else:
-            grad = rows.new_zeros(rows.shape)
-            if g_sums.numel():
-                grad += _bag_sum(example, g_sums, starts, w_sorted)  # sum_m w_m g[b(m)]
-            if has_sq:
-                grad += _bag_sum(example, g_sq, starts, w_sorted * w_sorted).mul_(rows).mul_(2)
+            grad = torch.zeros_like(rows)
+        if has_nsq:  # d|row_group|^2 = 2 row: scale each column by its group's summed gradient
+            c = _bag_sum(example, g_nsq, starts, w_sorted * w_sorted)  # (U, G)
+            grad.addcmul_(rows, c @ gm.T, value=2)
         grad_w = None
         if ctx.needs_input_grad[2]:  # values that require grad (rare): one (M, D) pass
             r = rows.index_select(0, d.inv)  # (M, D)
             grad_w = torch.zeros_like(weights)
-            if g_sums.numel():
+            if g_sums is not None:
                 grad_w += (r * g_sums.repeat_interleave(fields, 0)).sum(1)
-            if has_sq:
-                grad_w += 2 * weights * (r * r * g_sq.repeat_interleave(fields, 0)).sum(1)
+            if has_nsq:
+                per = (r * r) @ gm  # (M, G)
+                grad_w += 2 * weights * (per * g_nsq.repeat_interleave(fields, 0)).sum(1)
         return grad, None, grad_w, None, None
 
 
-def _or_zeros(g: Tensor, like: Tensor) -> Tensor:
-    return g if g.numel() else torch.zeros_like(like)
-
-
 def bag(
-    rows: Tensor, d: Dedup, weights: Tensor, fields: int, squares: bool = False
+    rows: Tensor, d: Dedup, weights: Tensor, fields: int, norms: tuple[tuple[int, int], ...] = ()
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """FM-style field sums over unique rows (U, D) with ids == uniq[d.inv], M = B * fields:
-    sums[b] = sum_f w[b, f] row[b, f] (B, D), and with squares=True also
-    sq[b] = sum_f w[b, f]^2 row[b, f]^2 (B, D), elementwise. weights: (M,) = (B, fields) flat.
-    Differentiable in rows (a coalesced (U, D) gradient) and weights."""
-    sums, sq = _Bag.apply(rows, d, weights.reshape(-1).to(rows.dtype), fields, squares)
-    return (sums, sq) if squares else sums
+    """Field sums over unique rows (U, D), ids == uniq[d.inv], M = B * fields, weights (M,):
+    sums[b] = sum_f w[b, f] row[b, f] (B, D). With norms = ((a, b), ...) (G column ranges) also
+    nsq[b, g] = sum_f w[b, f]^2 |row[b, f][a:b]|^2 (B, G), returned as (sums, nsq). For an FM
+    row [w, v]: linear = sums[:, 0], pairwise = 0.5 (|sums[:, 1:]|^2 - nsq[:, 0]) with
+    norms=((1, D),). Differentiable in rows (a coalesced (U, D) gradient) and weights."""
+    norms = tuple((int(a), int(b)) for a, b in norms)
+    sums, nsq = _Bag.apply(rows, d, weights.reshape(-1).to(rows.dtype), fields, norms)
+    return (sums, nsq) if norms else sums
 
 
 def coalesce(ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:

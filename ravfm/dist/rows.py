@@ -149,10 +149,10 @@ class LocalRows(nn.Module):
         )
         return SparseGrad(rows, grad)
 
-    def _bag(self, local: Tensor, weights: Tensor, fields: int, squares: bool):
+    def _bag(self, local: Tensor, weights: Tensor, fields: int, norms: tuple = ()):
         """local, weights (B * fields,) -> ravfm.dist.lookup.bag of the rows."""
         rows, d = self._unique_rows(local)
-        return bag(rows, d, weights, fields, squares)
+        return bag(rows, d, weights, fields, norms)
 
     def sparse_grad(self) -> SparseGrad | None:
         """The gradient an optimizer applies to this rank's rows; None if no row was touched."""
