@@ -190,11 +190,13 @@ def train(cfg: RunConfig, *, address: str | None = None, resume: str | None = No
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     n_train = int(index["splits"]["train"]["rows"])
-    datasets = {
-        split: hashed_dataset(
-            split_paths(shards, split), spec, shuffle_seed=cfg.seed if split == "train" else None
-        )
-        for split in ("train", "valid", "test")
+    paths = {split: split_paths(shards, split) for split in ("train", "valid", "test")}
+    if not paths["train"]:
+        raise UserError(f"{shards} has no train rows; check data.split and the source")
+    datasets = {  # a standard split (MovieLens u1..u5) has no valid part: it is simply absent
+        split: hashed_dataset(p, spec, shuffle_seed=cfg.seed if split == "train" else None)
+        for split, p in paths.items()
+        if p
     }
     _say(
         f"ravfm: training {cfg.model.name} on {cfg.data.dataset} ({n_train:,} train rows, "
@@ -210,6 +212,7 @@ def train(cfg: RunConfig, *, address: str | None = None, resume: str | None = No
             "resume": resume,
             "threads": plan["threads"],
             "n_train": n_train,
+            "splits": sorted(datasets),
             "invocation": uuid.uuid4().hex,
             "fault": {k: v for k, v in os.environ.items() if k.startswith("RAVFM_FAULT_")},
         },

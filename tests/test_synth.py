@@ -134,3 +134,25 @@ def test_synth_and_read_oracle_user_errors(tmp_path):
         synth("criteo", 0, tmp_path / "x.txt")
     with pytest.raises(UserError, match="no oracle file"):
         read_oracle(tmp_path / "x.txt")
+
+
+def test_synthetic_movielens_has_the_standard_splits(tmp_path):
+    import polars as pl
+
+    from ravfm.data.synth import synth
+
+    out = synth("movielens", 6000, str(tmp_path / "ml"), seed=3)
+    cols = ["u", "i", "r", "t"]
+
+    def read(name):
+        return pl.read_csv(out / name, separator="\t", has_header=False, new_columns=cols)
+
+    data = read("u.data")
+    tests = [read(f"u{k}.test") for k in range(1, 6)]
+    assert sum(len(t) for t in tests) == len(data)  # five disjoint folds cover every rating
+    assert pl.concat(tests).sort(cols).equals(data.sort(cols))
+    for k in range(1, 6):
+        assert len(read(f"u{k}.base")) + len(tests[k - 1]) == len(data)
+    ua = read("ua.test").group_by("u").len()
+    assert ua["len"].max() == 10 and ua["len"].min() == 10
+    assert len(read("ua.base")) + len(read("ua.test")) == len(data)

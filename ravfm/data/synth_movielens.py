@@ -123,3 +123,32 @@ def synth_movielens(rows: int, out: Path, seed: int, oracle_file: Path) -> None:
         return df, oracle
 
     write_chunks(out / "u.data", rows, make, oracle_file, separator="\t")
+    _standard_splits(out, seed)
+
+
+def _standard_splits(out: Path, seed: int) -> None:
+    """u1..u5 (.base/.test: five disjoint 20% test folds) and ua/ub (10 test ratings per user
+    with more than 20), shaped like ml-100k's, so the MovieLens jobs' `split: u1` runs on
+    synthetic data too. Rows keep u.data's line order (the oracle's order) inside each file."""
+    df = pl.read_csv(
+        out / "u.data", separator="\t", has_header=False, new_columns=["u", "i", "r", "t"]
+    )
+    rng = np.random.default_rng([seed, 1 << 42])
+    fold = rng.permutation(len(df)) % 5
+    order = pl.Series(rng.permutation(len(df)))  # a random rank of each rating within its user
+    rank = (
+        df.with_columns(o=order).select(pl.col("o").rank("ordinal").over("u") - 1)["o"].to_numpy()
+    )
+    count = df.select(pl.len().over("u"))["len"].to_numpy()
+
+    def write(name: str, mask: np.ndarray) -> None:
+        for suffix, part in (("test", mask), ("base", ~mask)):
+            df.filter(pl.Series(part)).write_csv(
+                out / f"{name}.{suffix}", include_header=False, separator="\t", quote_style="never"
+            )
+
+    for k in range(5):
+        write(f"u{k + 1}", fold == k)
+    many = count > 20
+    write("ua", many & (rank < 10))
+    write("ub", many & (rank >= 10) & (rank < 20))

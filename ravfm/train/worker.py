@@ -105,8 +105,14 @@ def train_fn(config: dict) -> None:
     )
     metric = early_stopping_metric(cfg)
     train_shard = ray.train.get_dataset_shard("train")  # (2) this rank's streamed shards
-    valid_shard = ray.train.get_dataset_shard("valid")
-    test_shard = ray.train.get_dataset_shard("test")
+    splits = set(config.get("splits", ("train", "valid", "test")))
+    valid_shard = ray.train.get_dataset_shard("valid") if "valid" in splits else None
+    test_shard = ray.train.get_dataset_shard("test") if "test" in splits else None
+
+    def evaluate(shard: Any, low: bool = False) -> dict:
+        if shard is None:  # e.g. MovieLens u1..u5 have no valid split
+            return {}
+        return trainer.evaluate(worker_batches(shard, cfg.train.eval_batch_size), low=low)
 
     def checkpoint(mid_epoch: bool) -> None:
         manifest = {
@@ -151,7 +157,7 @@ def train_fn(config: dict) -> None:
         state = trainer.fit_epoch(batches, position, on_step)
         train_metrics = merged(state, world).compute()
         seconds = time.perf_counter() - t0
-        valid = trainer.evaluate(worker_batches(valid_shard, cfg.train.eval_batch_size))
+        valid = evaluate(valid_shard)
         skip = None
         history.setdefault("epochs", []).append(
             {
@@ -166,7 +172,7 @@ def train_fn(config: dict) -> None:
         value = valid.get(metric)
         if value is not None and improved(metric, value, best):
             best, bad_epochs = value, 0
-        else:
+        elif value is not None:
             bad_epochs += 1
         history.update(best=best, bad_epochs=bad_epochs)
         stop = bool(cfg.train.max_steps and position.step >= cfg.train.max_steps) or bool(
@@ -177,12 +183,8 @@ def train_fn(config: dict) -> None:
         if stop:
             break
 
-    test = trainer.evaluate(worker_batches(test_shard, cfg.train.eval_batch_size))
-    extra = {}
-    if cfg.model.name == "rafm":
-        extra["test_low"] = trainer.evaluate(
-            worker_batches(test_shard, cfg.train.eval_batch_size), low=True
-        )
+    test = evaluate(test_shard)
+    extra = {"test_low": evaluate(test_shard, low=True)} if cfg.model.name == "rafm" else {}
     summary = telemetry.finish(test, history, extra)
     ray.train.report({"summary": json.dumps(summary)})  # (3) back to the driver
 
