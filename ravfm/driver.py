@@ -267,6 +267,8 @@ def _print_summary(summary: dict) -> None:
         sps = e["train"].get("n", 0) / max(e.get("seconds", 1e-9), 1e-9)
         for split in ("train", "valid"):
             m = e[split]
+            if not m:
+                continue
             rows.append(
                 (
                     str(e["epoch"] + 1),
