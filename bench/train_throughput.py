@@ -12,6 +12,7 @@ counts (the machine is shared). Also: per-rank memory of a RowShardedTable with 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import tempfile
@@ -193,6 +194,14 @@ def _rss(field: str = "VmRSS") -> int:
     return 0
 
 
+def _trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so RSS counts live bytes only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
@@ -207,9 +216,11 @@ def _memory_rank(rank: int, port: int, out: str, steps: int) -> None:
     world = World.init(rank, 2, f"tcp://127.0.0.1:{port}")
     batches = criteo_like_batches(steps, batch_size=BATCH // 2, seed=rank)
     torch.optim.Adam([nn.Parameter(torch.zeros(1))])  # torch.optim imports torch._dynamo once
+    _trim()
     before = _rss()
     model = _BagFM(NUM_ROWS, K, make_table=table_factory("rows", world))
     opt, dense = build_optimizers(model, OptimConfig())
+    _trim()
     built = _rss()
     _reset_peak()
     for b in batches:
