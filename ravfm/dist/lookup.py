@@ -137,7 +137,8 @@ class _Bag(torch.autograd.Function):
             grad = torch.zeros_like(rows)
         if has_nsq:  # d|row_group|^2 = 2 row: scale each column by its group's summed gradient
             c = _bag_sum(example, g_nsq, starts, w_sorted * w_sorted)  # (U, G)
-            grad.addcmul_(rows, c @ gm.T, value=2)
+            scale = sum(c[:, g : g + 1] * gm[:, g] for g in range(gm.shape[1]))  # (U, D)
+            grad.addcmul_(rows, scale, value=2)  # (a skinny (U, G) @ (G, D) mm is slower)
         grad_w = None
         if ctx.needs_input_grad[2]:  # values that require grad (rare): one (M, D) pass
             r = rows.index_select(0, d.inv)  # (M, D)
