@@ -159,6 +159,7 @@ class OptimConfig:
     eps: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)
     initial_accumulator: float = 0.0
+    rowwise: bool = False  # adagrad: one accumulator per row (TorchRec's row-wise Adagrad)
     clip_norm: float = 0.0  # 0 = no gradient clipping
     schedule: str = "constant"  # constant | cosine | step
     warmup_steps: int = 0

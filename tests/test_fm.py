@@ -127,3 +127,45 @@ def test_predict_with_std_is_a_user_error():
     batch = _batch(dtype=torch.float32)
     with pytest.raises(UserError, match="vfm"):
         FM(N, K).predict(batch.ids, batch.values, return_std=True)
+
+
+def test_fused_bag_path_equals_the_plain_table_fm_with_l2_and_padding():
+    """FM on a SparseTable (table.bag: no (B, F, K+1) rows) = FM on a PlainTable, float64:
+    outputs, loss with both L2 terms, and the gradient of every touched row."""
+    from ravfm.batch import Batch
+    from ravfm.dist.embedding import table_factory
+    from ravfm.dist.world import World
+    from ravfm.model.fm import FM
+    from ravfm.model.layers import plain_tables
+
+    torch.manual_seed(0)
+    n, k, b, f = 50, 4, 16, 6
+    ids = torch.randint(1, n, (b, f))
+    ids[:3, -2:] = 0  # padding
+    values = torch.rand(b, f, dtype=torch.float64)
+    values[ids == 0] = 0.0
+    batch = Batch(ids, values, (torch.rand(b) < 0.3).double())
+    kw = {"init_std": 0.3, "l2_linear": 0.01, "l2_factors": 0.02}
+    plain = FM(n, k, make_table=plain_tables(dtype=torch.float64), **kw).double()
+    fused = FM(n, k, make_table=table_factory("sparse", World.single(), dtype=torch.float64), **kw)
+    fused = fused.double()
+    all_ids, rows = plain.table.export_rows()
+    fused.table.import_rows(all_ids, rows)
+    with torch.no_grad():
+        plain.bias.fill_(0.1)
+        fused.bias.fill_(0.1)
+    assert hasattr(fused.table, "bag")
+    torch.testing.assert_close(fused(ids, values), plain(ids, values), rtol=0, atol=1e-12)
+    lp, rp = plain.loss(batch, "binary")
+    lf, rf = fused.loss(batch, "binary")
+    torch.testing.assert_close(lf, lp, rtol=0, atol=1e-12)
+    lp.backward()
+    lf.backward()
+    g = fused.table.sparse_grad()
+    dense = plain.table.weight.grad
+    torch.testing.assert_close(g.grad, dense[g.rows], rtol=0, atol=1e-12)
+    untouched = torch.ones(n, dtype=torch.bool)
+    untouched[g.rows] = False
+    assert (dense[untouched] == 0).all()
+    assert (g.grad[g.rows == 0] == 0).all()  # padding is looked up but learns nothing
+    torch.testing.assert_close(fused.bias.grad, plain.bias.grad, rtol=0, atol=1e-12)

@@ -52,12 +52,30 @@ class FM(nn.Module):
         linear = (rows[..., 0] * x).sum(dim=1)
         return self.bias + linear + pairwise(rows[..., 1:] * x.unsqueeze(-1))
 
+    def _bagged(self, ids: Tensor, values: Tensor) -> Tensor:
+        """The same raw (B,) from the table's per-example sums, with no (B, F, K+1) rows:
+        sums = sum_f x_f [w_f, v_f] (B, K+1), nsq = sum_f x_f^2 |v_f|^2 (B, 1)."""
+        sums, nsq = self.table.bag(ids, values, norms=((1, self.k + 1),))
+        s = sums[:, 1:]
+        return self.bias + sums[:, 0] + 0.5 * ((s * s).sum(dim=1) - nsq[:, 0])
+
     def forward(self, ids: Tensor, values: Tensor) -> Tensor:
         """ids (B, F) int64, values (B, F) -> raw output (B,): logits or ratings."""
+        if hasattr(self.table, "bag"):  # sparse and row-sharded tables: fused field sums
+            return self._bagged(ids, values)
         return self._output(self.table(ids), values)
 
     def loss(self, batch: Batch, task: str) -> tuple[Tensor, Tensor]:
         """Mean data loss + L2 on the rows used in the batch; returns (loss (), raw (B,))."""
+        if hasattr(self.table, "bag"):
+            raw = self._bagged(batch.ids, batch.values)
+            loss = data_loss(raw, batch.label, task)
+            if self.l2_linear > 0 or self.l2_factors > 0:
+                mask = (batch.ids != PAD_ID).to(raw.dtype)
+                l2 = self.table.bag(batch.ids, mask, norms=((0, 1), (1, self.k + 1)))[1]  # (B, 2)
+                reg = self.l2_linear * l2[:, 0].sum() + self.l2_factors * l2[:, 1].sum()
+                loss = loss + reg / max(1, len(batch))
+            return loss, raw
         rows = self.table(batch.ids)  # (B, F, K+1)
         raw = self._output(rows, batch.values)
         loss = data_loss(raw, batch.label, task)
