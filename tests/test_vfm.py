@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ravfm.batch import Batch
+from ravfm.errors import UserError
 from ravfm.model.fm import FM
 from ravfm.model.layers import plain_tables
 from ravfm.model.losses import gaussian_kl
@@ -165,3 +166,22 @@ def test_rank_by_uncertainty_orders_candidates_by_predictive_std():
 def test_num_params_counts_rows_and_priors():
     vfm = VFM(N, K, FIELDS, n_train=10)
     assert vfm.num_params() == N * (2 * K + 2) + 2 + 2 * len(FIELDS) * (K + 1)
+
+
+def test_exact_expected_squared_error_matches_many_reparameterised_samples():
+    vfm, batch = _vfm(train_samples=0), _batch(b=5)
+    vfm.train()
+    exact, raw = vfm.loss(batch, "regression")
+    torch.testing.assert_close(raw, vfm.predict(batch.ids, batch.values))
+    vfm.train_samples = 1
+    torch.manual_seed(0)
+    r = 20_000  # the batch repeated: one draw per copy, and the KL share is unchanged
+    many = Batch(batch.ids.repeat(r, 1), batch.values.repeat(r, 1), batch.label.repeat(r))
+    sampled, _ = vfm.loss(many, "regression")
+    torch.testing.assert_close(sampled, exact, rtol=0.02, atol=0)
+
+
+def test_exact_expectation_is_refused_for_binary():
+    vfm, batch = _vfm(train_samples=0), _batch()
+    with pytest.raises(UserError, match="train_samples=0"):
+        vfm.loss(Batch(batch.ids, batch.values, (batch.label > 3).double()), "binary")

@@ -12,7 +12,12 @@ One table "vfm" of (N, 2K+2) rows packed as [mu_w, mu_v (K), logvar_w, logvar_v 
 parameters: the global bias's posterior (mean, log-variance, unit-normal prior) and per field g
 the prior mean and log-variance of linear weights (G,) and latent vectors (G, K), learned by
 empirical Bayes (no hyperprior). Training samples every parameter by reparameterisation,
-independently per example; evaluation uses the posterior means.
+independently per example (`train_samples` draws); evaluation uses the posterior means. For
+regression, `train_samples=0` replaces the draws by the exact expectation of the squared error,
+E_q[(y - f)^2] = (y - E f)^2 + Var f (the same objective, with no sampling noise in its gradient;
+Var f as in `predict`). Rows start with log-variance `init_logvar`: far below the prior's
+(e.g. -10 with priors near 0) the prior variances collapse onto the tiny posterior ones and
+prune the factors, so start near log(init_std^2).
 
 KL weighting. The per-example ELBO is (1/N_train) [sum_n E_q log p(y_n) - KL(q || p)]. A row i
 that occurs c_i times in train adds lambda * KL_i / c_i per occurrence, averaged over the batch;
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ravfm.batch import PAD_ID, Batch
+from ravfm.errors import UserError
 from ravfm.model.layers import TableFactory, count_params, pairwise, plain_tables
 from ravfm.model.losses import data_loss, gaussian_kl
 
@@ -64,7 +70,9 @@ class VFM(nn.Module):
     ) -> None:
         super().__init__()
         make_table = make_table or plain_tables()
-        self.k, self.n_train, self.train_samples = k, max(int(n_train), 1), max(train_samples, 1)
+        if train_samples < 0:
+            raise ValueError(f"train_samples={train_samples} must be >= 0 (0 = exact, regression)")
+        self.k, self.n_train, self.train_samples = k, max(int(n_train), 1), int(train_samples)
         self.lambdas = (lambda_bias, lambda_linear, lambda_latent)
         self.table = make_table(
             "vfm", num_rows, 2 * k + 2, lambda w: vfm_init(w, k, init_std, init_logvar)
@@ -127,21 +135,40 @@ class VFM(nn.Module):
         return rows + lam_b * bias / self.n_train
 
     def loss(self, batch: Batch, task: str) -> tuple[Tensor, Tensor]:
-        """Negative ELBO per example: mean data loss of sampled models + KL share.
+        """Negative ELBO per example: mean expected data loss under q + KL share.
 
         Returns (loss (), raw (B,)): raw is the mean of the `train_samples` sampled outputs
-        while training, the posterior-mean output in eval mode.
+        while training (the posterior mean with train_samples=0), the posterior mean in eval.
         """
         self._check_fields(batch.ids)
         mu, logvar = self._split(self.table(batch.ids))
-        if self.training:
+        if not self.training:
+            raw = self._fm(self.bias_mu, mu, batch.values)
+            data = data_loss(raw, batch.label, task)
+        elif self.train_samples == 0:
+            if task != "regression":
+                raise UserError(
+                    "model.vfm.train_samples=0 (exact expected squared error) needs "
+                    "task=regression; use 1 or more samples for binary"
+                )
+            raw, var = self._moments(mu, logvar, batch.values)
+            data = ((batch.label.to(raw.dtype) - raw).pow(2) + var).mean()
+        else:
             raws = [self._sample(mu, logvar, batch.values) for _ in range(self.train_samples)]
             data = sum(data_loss(r, batch.label, task) for r in raws) / len(raws)
             raw = torch.stack(raws).mean(0)
-        else:
-            raw = self._fm(self.bias_mu, mu, batch.values)
-            data = data_loss(raw, batch.label, task)
         return data + self.kl(batch.ids, mu, logvar), raw
+
+    def _moments(self, mu: Tensor, logvar: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and exact variance (B,) of the output under q; see `predict`."""
+        x = values.to(mu.dtype)
+        var = logvar.exp()
+        m = mu[..., 1:] * x.unsqueeze(-1)  # (B, F, K)
+        t = var[..., 1:] * (x * x).unsqueeze(-1)  # (B, F, K)
+        big_m, big_t = m.sum(1, keepdim=True), t.sum(1)  # (B, 1, K), (B, K)
+        pair = (t * (big_m - m).pow(2)).sum((1, 2)) + 0.5 * (big_t.pow(2) - t.pow(2).sum(1)).sum(1)
+        lin = (var[..., 0] * x * x).sum(1)
+        return self._fm(self.bias_mu, mu, values), self.bias_logvar.exp() + lin + pair
 
     @torch.no_grad()
     def predict(
@@ -157,17 +184,10 @@ class VFM(nn.Module):
         """
         self._check_fields(ids)
         mu, logvar = self._split(self.table(ids))
-        mean = self._fm(self.bias_mu, mu, values)
         if not return_std:
-            return mean
-        x = values.to(mu.dtype)
-        var = logvar.exp()
-        m = mu[..., 1:] * x.unsqueeze(-1)  # (B, F, K)
-        t = var[..., 1:] * (x * x).unsqueeze(-1)  # (B, F, K)
-        big_m, big_t = m.sum(1, keepdim=True), t.sum(1)  # (B, 1, K), (B, K)
-        pair = (t * (big_m - m).pow(2)).sum((1, 2)) + 0.5 * (big_t.pow(2) - t.pow(2).sum(1)).sum(1)
-        lin = (var[..., 0] * x * x).sum(1)
-        return mean, (self.bias_logvar.exp() + lin + pair).sqrt()
+            return self._fm(self.bias_mu, mu, values)
+        mean, var = self._moments(mu, logvar, values)
+        return mean, var.sqrt()
 
     def num_params(self) -> int:
         return count_params(self)
