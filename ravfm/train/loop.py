@@ -154,7 +154,10 @@ class Trainer:
         seconds)` runs after every step and may return True to stop early (same on all ranks)."""
         state = MetricState(self.task)
         start = time.perf_counter()
+        self.first_batch_seconds = None  # the stream's start-up latency (Ray Data planning)
         for batch in lockstep(batches, self.world, self.empty):
+            if self.first_batch_seconds is None:
+                self.first_batch_seconds = time.perf_counter() - start
             batch = batch.to(self.world.device, non_blocking=True)
             raw = self.step(batch, position)
             state.update(raw.float(), batch.label, self.task)

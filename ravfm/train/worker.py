@@ -165,6 +165,7 @@ def train_fn(config: dict) -> None:
                 "train": train_metrics,
                 "valid": valid,
                 "seconds": seconds,
+                "first_batch_seconds": trainer.first_batch_seconds or 0.0,
                 "seen": world_sum(world, len(position.seen_rows())),
             }
         )
