@@ -7,6 +7,7 @@ never 0 (the feature spec reserves row 0 of every table).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,8 @@ class Batch:
 
 def from_numpy(arrays: dict[str, np.ndarray]) -> Batch:
     """Zero-copy Batch from the feature transform's output {"ids", "values", "label"[, "row"]}."""
+    # Ray Data hands out read-only views of its blocks; nothing writes to a batch, so share them.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     ids = np.ascontiguousarray(arrays["ids"], dtype=np.int64)
     values = np.ascontiguousarray(arrays["values"], dtype=np.float32)
     label = np.ascontiguousarray(arrays["label"], dtype=np.float32)
