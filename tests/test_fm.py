@@ -129,7 +129,8 @@ def test_predict_with_std_is_a_user_error():
         FM(N, K).predict(batch.ids, batch.values, return_std=True)
 
 
-def test_fused_bag_path_equals_the_plain_table_fm_with_l2_and_padding():
+@pytest.mark.parametrize("binary_values", [False, True])
+def test_fused_bag_path_equals_the_plain_table_fm_with_l2_and_padding(binary_values):
     """FM on a SparseTable (table.bag: no (B, F, K+1) rows) = FM on a PlainTable, float64:
     outputs, loss with both L2 terms, and the gradient of every touched row."""
     from ravfm.batch import Batch
@@ -143,11 +144,14 @@ def test_fused_bag_path_equals_the_plain_table_fm_with_l2_and_padding():
     ids = torch.randint(1, n, (b, f))
     ids[:3, -2:] = 0  # padding
     values = torch.rand(b, f, dtype=torch.float64)
+    if binary_values:  # hashed categoricals: the L2 terms come from the same bag
+        values = torch.ones(b, f, dtype=torch.float64)
     values[ids == 0] = 0.0
     batch = Batch(ids, values, (torch.rand(b) < 0.3).double())
     kw = {"init_std": 0.3, "l2_linear": 0.01, "l2_factors": 0.02}
     plain = FM(n, k, make_table=plain_tables(dtype=torch.float64), **kw).double()
-    fused = FM(n, k, make_table=table_factory("sparse", World.single(), dtype=torch.float64), **kw)
+    fused = FM(n, k, make_table=table_factory("sparse", World.single(), dtype=torch.float64),
+               unit_values=binary_values, **kw)  # fmt: skip
     fused = fused.double()
     all_ids, rows = plain.table.export_rows()
     fused.table.import_rows(all_ids, rows)

@@ -39,8 +39,13 @@ class FM(nn.Module):
         init_std: float = 0.01,
         l2_linear: float = 0.0,
         l2_factors: float = 0.0,
+        unit_values: bool = False,
     ) -> None:
+        """unit_values: every value is 0 or 1 (hashed categoricals, no multi-valued field), so
+        the L2 sums come from the same fused lookup as the output (decided once, never per
+        batch: with a row-sharded table every rank must make the same lookups)."""
         super().__init__()
+        self.unit_values = unit_values
         make_table = make_table or plain_tables()
         self.k, self.l2_linear, self.l2_factors = k, l2_linear, l2_factors
         self.table = make_table("fm", num_rows, k + 1, partial(fm_init, std=init_std))
@@ -52,30 +57,26 @@ class FM(nn.Module):
         linear = (rows[..., 0] * x).sum(dim=1)
         return self.bias + linear + pairwise(rows[..., 1:] * x.unsqueeze(-1))
 
-    def _bagged(self, ids: Tensor, values: Tensor) -> Tensor:
+    def _bagged(
+        self, ids: Tensor, values: Tensor, extra: tuple[tuple[int, int], ...] = ()
+    ) -> tuple[Tensor, Tensor]:
         """The same raw (B,) from the table's per-example sums, with no (B, F, K+1) rows:
-        sums = sum_f x_f [w_f, v_f] (B, K+1), nsq = sum_f x_f^2 |v_f|^2 (B, 1)."""
-        sums, nsq = self.table.bag(ids, values, norms=((1, self.k + 1),))
+        sums = sum_f x_f [w_f, v_f] (B, K+1), nsq[:, 0] = sum_f x_f^2 |v_f|^2; `extra` column
+        ranges add further norms nsq[:, 1:]. Returns (raw (B,), nsq (B, 1 + len(extra)))."""
+        sums, nsq = self.table.bag(ids, values, norms=((1, self.k + 1), *extra))
         s = sums[:, 1:]
-        return self.bias + sums[:, 0] + 0.5 * ((s * s).sum(dim=1) - nsq[:, 0])
+        return self.bias + sums[:, 0] + 0.5 * ((s * s).sum(dim=1) - nsq[:, 0]), nsq
 
     def forward(self, ids: Tensor, values: Tensor) -> Tensor:
         """ids (B, F) int64, values (B, F) -> raw output (B,): logits or ratings."""
         if hasattr(self.table, "bag"):  # sparse and row-sharded tables: fused field sums
-            return self._bagged(ids, values)
+            return self._bagged(ids, values)[0]
         return self._output(self.table(ids), values)
 
     def loss(self, batch: Batch, task: str) -> tuple[Tensor, Tensor]:
         """Mean data loss + L2 on the rows used in the batch; returns (loss (), raw (B,))."""
         if hasattr(self.table, "bag"):
-            raw = self._bagged(batch.ids, batch.values)
-            loss = data_loss(raw, batch.label, task)
-            if self.l2_linear > 0 or self.l2_factors > 0:
-                mask = (batch.ids != PAD_ID).to(raw.dtype)
-                l2 = self.table.bag(batch.ids, mask, norms=((0, 1), (1, self.k + 1)))[1]  # (B, 2)
-                reg = self.l2_linear * l2[:, 0].sum() + self.l2_factors * l2[:, 1].sum()
-                loss = loss + reg / max(1, len(batch))
-            return loss, raw
+            return self._bagged_loss(batch, task)
         rows = self.table(batch.ids)  # (B, F, K+1)
         raw = self._output(rows, batch.values)
         loss = data_loss(raw, batch.label, task)
@@ -88,6 +89,23 @@ class FM(nn.Module):
                 + self.l2_factors * row_l2(rows[..., 1:], mask, n)
             )
         return loss, raw
+
+    def _bagged_loss(self, batch: Batch, task: str) -> tuple[Tensor, Tensor]:
+        if not (self.l2_linear > 0 or self.l2_factors > 0):
+            raw = self._bagged(batch.ids, batch.values)[0]
+            return data_loss(raw, batch.label, task), raw
+        if self.unit_values:
+            # 0/1 values: x^2 is the padding mask, so the norms of the one bag are the L2 sums
+            # too: |v|^2 is nsq[:, 0], and |w|^2 comes from an extra column range.
+            raw, nsq = self._bagged(batch.ids, batch.values, ((0, 1),))
+            lin, fac = nsq[:, 1], nsq[:, 0]
+        else:
+            mask = (batch.ids != PAD_ID).to(batch.values.dtype)
+            raw = self._bagged(batch.ids, batch.values)[0]
+            l2 = self.table.bag(batch.ids, mask, norms=((0, 1), (1, self.k + 1)))[1]  # (B, 2)
+            lin, fac = l2[:, 0], l2[:, 1]
+        reg = self.l2_linear * lin.sum() + self.l2_factors * fac.sum()
+        return data_loss(raw, batch.label, task) + reg / max(1, len(batch)), raw
 
     @torch.no_grad()
     def predict(self, ids: Tensor, values: Tensor, return_std: bool = False) -> Tensor:

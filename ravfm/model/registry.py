@@ -26,12 +26,14 @@ def build_model(
     n_train: int,
     frequencies: np.ndarray | None = None,
     make_table: TableFactory | None = None,
+    unit_values: bool = False,
 ) -> nn.Module:
     """The model `cfg.name` over a table of `num_rows` rows for batches of `num_fields` columns.
 
     field_index (F,): the field (VFM prior group) of each column; frequencies (N,) int64: each
     row's count in train (RaFM levels, VFM KL weights); make_table: the table factory
-    (default: plain single-process tables).
+    (default: plain single-process tables); unit_values: every value is 0 or 1 (no multi-valued
+    field), which lets FM take its L2 terms from the same fused lookup.
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r} must be one of {TASKS}")
@@ -41,7 +43,10 @@ def build_model(
         raise ValueError(f"frequencies has {len(frequencies)} entries for {num_rows} rows")
     common = dict(make_table=make_table, init_std=cfg.init_std)
     if cfg.name == "fm":
-        return FM(num_rows, cfg.k, l2_linear=cfg.l2_linear, l2_factors=cfg.l2_factors, **common)
+        return FM(
+            num_rows, cfg.k, l2_linear=cfg.l2_linear, l2_factors=cfg.l2_factors,
+            unit_values=unit_values, **common,
+        )  # fmt: skip
     if cfg.name == "vfm":
         v = cfg.vfm
         return VFM(

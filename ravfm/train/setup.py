@@ -26,7 +26,8 @@ def build_for_training(
     cfg: RunConfig, spec_dir: str | Path, world: World, *, n_train: int, kind: str | None = None
 ) -> tuple[nn.Module, FeatureSpec]:
     spec = FeatureSpec.load(spec_dir)
-    freqs = load_frequencies(spec_dir, spec.num_rows) if cfg.model.name == "rafm" else None
+    # RaFM's levels and VFM's per-row KL weights come from the train frequencies.
+    freqs = load_frequencies(spec_dir, spec.num_rows) if cfg.model.name in ("rafm", "vfm") else None
     make_table = table_factory(
         kind or table_kind(cfg, world), world, dtype=torch.float32, device=world.device
     )
@@ -39,6 +40,7 @@ def build_for_training(
         n_train=n_train,
         frequencies=freqs,
         make_table=make_table,
+        unit_values=all(f.kind != "multi" for f in spec.fields),
     )
     return model.to(world.device), spec
 
