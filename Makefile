@@ -15,11 +15,11 @@ ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-setup: ## create .venv: torch==$(TORCH_VERSION) first, then ravfm with dev extras
+setup: ## create .venv: torch==$(TORCH_VERSION) first, then ravfm with dev extras (pinned by constraints.txt)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@$(PY) -c "import torch, ray, polars; print('ravfm ready: torch', torch.__version__, '| ray', ray.__version__, '| polars', polars.__version__)"
 
 test: ## run every test this machine can run (Ray end-to-end included; GPU tests skip)
