@@ -26,8 +26,12 @@ def build_for_training(
     cfg: RunConfig, spec_dir: str | Path, world: World, *, n_train: int, kind: str | None = None
 ) -> tuple[nn.Module, FeatureSpec]:
     spec = FeatureSpec.load(spec_dir)
-    # RaFM's levels and VFM's per-row KL weights come from the train frequencies.
-    freqs = load_frequencies(spec_dir, spec.num_rows) if cfg.model.name in ("rafm", "vfm") else None
+    # RaFM's levels need the train frequencies; VFM's per-row KL weights use them when `stats`
+    # wrote them (they shape only the training loss, never a prediction).
+    need = cfg.model.name == "rafm" or (
+        cfg.model.name == "vfm" and (Path(spec_dir) / "frequencies.parquet").exists()
+    )
+    freqs = load_frequencies(spec_dir, spec.num_rows) if need else None
     make_table = table_factory(
         kind or table_kind(cfg, world), world, dtype=torch.float32, device=world.device
     )
