@@ -94,9 +94,9 @@ RECIPES: dict[str, dict[str, tuple[ModelConfig, OptimConfig, int, int]]] = {
     "synthetic-criteo": {
         "fm": (
             ModelConfig(name="fm", k=16, init_std=0.01, l2_linear=1e-6, l2_factors=1e-6),
-            OptimConfig(sparse="adagrad", lr=0.05, dense="adam", dense_lr=0.01),
+            OptimConfig(sparse="adagrad", lr=0.02, dense="adam", dense_lr=0.01),
             2,
-            4096,
+            512,
         ),
     },
 }
@@ -145,8 +145,10 @@ def _build(name: str, recipe: tuple, data: _Data, task: str, seed: int) -> tuple
         with torch.no_grad():
             head.fill_(float(data.splits["train"]["label"].mean()))
     sparse, dense = build_optimizers(model, optim)
+    n_train, epochs, batch_size = len(data.splits["train"]["label"]), recipe[2], recipe[3]
     trainer = Trainer(model, sparse, dense, world, task=task, optim=optim,
-                      num_fields=spec.num_fields)  # fmt: skip
+                      num_fields=spec.num_fields,
+                      total_steps=epochs * -(-n_train // batch_size))  # fmt: skip
     return model, trainer
 
 
