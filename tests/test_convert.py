@@ -72,6 +72,8 @@ def test_criteo_sample_keeps_schema_nulls_and_hash_splits(shared_data, tmp_path)
         assert df[col].null_count() == sum(f[j] == "" for f in raw), col
     assert df["label"].sum() == sum(int(f[0]) for f in raw)
     assert sorted(df["I5"].drop_nulls().to_list()) == sorted(int(f[5]) for f in raw if f[5])
+    c7 = df.sort(ROW_COLUMN)["C7"].to_list()  # UInt32 codes give the hex text back exactly
+    assert [None if v is None else f"{v:08x}" for v in c7] == [f[20] or None for f in raw]
     meta = pq.ParquetFile(split_paths(out, "train")[0]).metadata
     assert meta.row_group(0).column(0).compression == "ZSTD"
 

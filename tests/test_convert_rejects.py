@@ -30,6 +30,9 @@ def _criteo_with_bad_lines(shared_data: Path, tmp_path: Path) -> tuple[Path, dic
         606: (b"\t".join(f[:20] + [b"\xff\xfe\x00a"] + f[21:]), "bad_utf8"),
         707: (b"", "bad_field_count"),  # a blank line
         1500: (b"\t".join(f[:10] + [b"3.5"] + f[11:]), "bad_int"),
+        1600: (b"\t".join(f[:14] + [b"68fd1e6g"] + f[15:]), "bad_hex"),  # C1: not hex
+        1700: (b"\t".join(f[:39] + [b"68fd1e6"]), "bad_hex"),  # C26: 7 digits
+        1800: (b"\t".join(f[:20] + [b"-8fd1e64"] + f[21:]), "bad_hex"),  # C7: a sign
     }
     lines = []
     for i, line in enumerate(good, start=1):
@@ -46,7 +49,13 @@ def test_criteo_bad_lines_are_counted_and_kept_with_line_numbers(
     monkeypatch.setattr(convert_mod, "BLOCK_BYTES", block_bytes)  # many blocks: line bookkeeping
     src, bad = _criteo_with_bad_lines(shared_data, tmp_path)
     s = convert("criteo", str(src), tmp_path / "out", max_reject_rate=0.01)
-    assert s["rejects"] == {"bad_field_count": 3, "bad_int": 2, "bad_label": 2, "bad_utf8": 1}
+    assert s["rejects"] == {
+        "bad_field_count": 3,
+        "bad_hex": 3,
+        "bad_int": 2,
+        "bad_label": 2,
+        "bad_utf8": 1,
+    }
     assert s["rows"] == 2000 - len(bad) and s["lines"] == 2000
     rej = _rejects(tmp_path / "out" / "_rejects" / "rejects.jsonl")
     assert [(r["line"], r["reason"]) for r in rej] == [(k, v[1]) for k, v in sorted(bad.items())]
@@ -54,20 +63,20 @@ def test_criteo_bad_lines_are_counted_and_kept_with_line_numbers(
     assert rej[5]["raw"].startswith(bad[606][0][:20].decode(errors="ignore")[:10])
     assert "\\xff\\xfe" in rej[5]["raw"]
     idx = read_index(tmp_path / "out")
-    assert idx["rejected"] == 8 and idx["rejects_file"] == "_rejects/rejects.jsonl"
+    assert idx["rejected"] == 11 and idx["rejects_file"] == "_rejects/rejects.jsonl"
 
 
 def test_reject_rate_above_the_limit_fails_and_leaves_no_dataset(shared_data, tmp_path):
     src, _ = _criteo_with_bad_lines(shared_data, tmp_path)
     with pytest.raises(UserError) as e:
-        convert("criteo", str(src), tmp_path / "out")  # 8 / 2000 = 0.4% > 0.1%
+        convert("criteo", str(src), tmp_path / "out")  # 11 / 2000 = 0.55% > 0.1%
     msg = str(e.value)
     assert "\n" not in msg
-    assert "8 of 2000 lines rejected" in msg and "--max-reject-rate" in msg
+    assert "11 of 2000 lines rejected" in msg and "--max-reject-rate" in msg
     assert "bad_field_count 3" in msg and "bad_utf8 1" in msg
     assert not (tmp_path / "out").exists()
     kept = tmp_path / "out.rejects" / "rejects.jsonl"
-    assert len(_rejects(kept)) == 8 and str(kept) in msg
+    assert len(_rejects(kept)) == 11 and str(kept) in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dac.txt", "out.rejects"]
 
 

@@ -22,7 +22,7 @@ def test_criteo_defaults_layout_and_shape_facts():
     assert [f.name for f in spec.fields] == [*CRITEO.categorical, *CRITEO.numeric]
     assert spec.num_fields == 39 and spec.field_index == list(range(39))
     assert spec.num_rows == (1 << 20) + 1 + 39  # padding, hashed rows, one OOV row per field
-    assert {f.hasher for f in spec.fields[:26]} == {"xxh3_64"}
+    assert {f.hasher for f in spec.fields[:26]} == {"splitmix64"}  # UInt32 codes
     assert {(f.hasher, f.bucketiser) for f in spec.fields[26:]} == {("splitmix64", "log2")}
     assert sorted(f.oov_row for f in spec.fields) == list(range((1 << 20) + 1, spec.num_rows))
     assert spec.task == "binary" and spec.label == "label"

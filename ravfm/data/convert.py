@@ -42,7 +42,7 @@ from ravfm.data.libsvm import LibSVM
 from ravfm.data.movielens import STANDARD_SPLITS, MovieLens
 from ravfm.data.outdir import out_state, summarize, summary_line, swap_into
 from ravfm.data.parse import Parsed
-from ravfm.data.schemas import ROW_COLUMN
+from ravfm.data.schemas import ROW_COLUMN, SCHEMA_REVISION
 from ravfm.data.shards import ROW_GROUP_ROWS, RejectLog, ShardSet
 from ravfm.data.sources import (
     BLOCK_BYTES,
@@ -197,6 +197,7 @@ def convert(
     if all(f.get("size") == 0 for f in fp["files"]):
         raise UserError(f"{src}: the source is empty; check the path or URL")
     options = {
+        "schema_revision": SCHEMA_REVISION,
         "variant": variant,
         "split": rule,
         "rows_per_shard": rows_per_shard,

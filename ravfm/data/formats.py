@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from ravfm.data.parse import Parsed, drop_rows, parse_delimited, pl_schema
-from ravfm.data.schemas import AVAZU, CRITEO, schema_for
+from ravfm.data.schemas import AVAZU, CRITEO, CRITEO_CAT, CRITEO_HEX_DIGITS, schema_for
 from ravfm.errors import UserError
 
 __all__ = ["LineFormat", "Criteo", "Avazu", "first_line", "civil_days"]
@@ -83,10 +83,45 @@ class Criteo:
 
     def parse(self, block: bytes, *, file: str, first_line: int, variant: str) -> Parsed:
         cols = pl_schema(self.columns(variant))
+        cols.update({c: pl.String() for c in CRITEO_CAT})  # hex text, decoded below
         p = parse_delimited(
             block, cols, sep="\t", file=file, first_line=first_line, reasons={"label": "bad_label"}
         )
-        return p if variant == "test" else _bad_label(p, "label")
+        p = p if variant == "test" else _bad_label(p, "label")
+        return _decode_hex(p)
+
+
+def _decode_hex(p: Parsed) -> Parsed:
+    """C1..C26: 8-hex-digit text -> UInt32 (null stays null); any other text is a bad_hex reject.
+
+    One Polars select decodes every column in parallel; `str.to_integer` alone would accept
+    "+1f" or "abc", so the length is checked too (8 digits: f"{v:08x}" gives the text back).
+    """
+    if not len(p.df):
+        p.df = p.df.cast({c: pl.UInt32 for c in CRITEO_CAT})
+        return p
+    text = {c: pl.col(c) for c in CRITEO_CAT}
+    dec = {c: pl.col(f"_{c}") for c in CRITEO_CAT}
+    bad = pl.any_horizontal(
+        text[c].is_not_null() & (dec[c].is_null() | (text[c].str.len_bytes() != CRITEO_HEX_DIGITS))
+        for c in CRITEO_CAT
+    )
+    out = (
+        p.df.lazy()
+        .with_columns(
+            text[c]
+            .str.to_integer(base=16, strict=False)
+            .cast(pl.UInt32, strict=False)
+            .alias(f"_{c}")
+            for c in CRITEO_CAT
+        )
+        .select(
+            bad.alias("_bad"), *(dec[c].alias(c) if c in dec else pl.col(c) for c in p.df.columns)
+        )
+        .collect()
+    )
+    p.df = out.drop("_bad")
+    return drop_rows(p, out["_bad"], "bad_hex")
 
 
 _AVAZU_RAW = [

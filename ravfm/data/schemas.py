@@ -13,6 +13,8 @@ __all__ = [
     "SCHEMAS",
     "CRITEO_INT",
     "CRITEO_CAT",
+    "CRITEO_HEX_DIGITS",
+    "SCHEMA_REVISION",
     "AVAZU_CAT",
     "ROW_COLUMN",
     "schema_for",
@@ -24,6 +26,13 @@ ROW_COLUMN = "_row"
 
 CRITEO_INT = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_CAT = tuple(f"C{i}" for i in range(1, 27))
+# Criteo's categorical values are 32-bit hashes written as 8 hex digits: shards keep them as
+# UInt32 (lossless: f"{v:08x}" gives the text back). Four bytes instead of a string make the
+# shards ~10x faster to read and let features hash them with the integer mixer.
+CRITEO_HEX_DIGITS = 8
+# Bumped whenever a dataset's columns change (2: Criteo C1..C26 String -> UInt32); `convert`
+# records it with its options, so shards written under an older contract are re-converted.
+SCHEMA_REVISION = 2
 AVAZU_CAT = (
     "C1",
     "banner_pos",
@@ -77,7 +86,7 @@ CRITEO = DatasetSchema(
     columns={
         "label": "Int8",
         **{c: "Int64" for c in CRITEO_INT},
-        **{c: "String" for c in CRITEO_CAT},
+        **{c: "UInt32" for c in CRITEO_CAT},
     },
     label="label",
     categorical=CRITEO_CAT,

@@ -51,10 +51,18 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 
-def mix64(x: np.ndarray, seed: int) -> np.ndarray:
-    """splitmix64(x + seed): int64 or uint64 array (N,) -> new uint64 array (N,)."""
-    z = np.array(x, dtype=np.int64 if np.asarray(x).dtype.kind == "i" else np.uint64, copy=True)
-    z = z.view(np.uint64)
+def mix64(x: np.ndarray, seed: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    """splitmix64(x + seed): int64 or uint64 array (N,) -> uint64 array (N,).
+
+    A new array, or `out` (uint64 or int64, viewed as uint64; may be x itself) when given:
+    the in-place form keeps a column in cache through all nine passes.
+    """
+    if out is None:
+        kind = np.asarray(x).dtype.kind
+        out = np.array(x, dtype=np.int64 if kind == "i" else np.uint64, copy=True)
+    elif out is not x:
+        np.copyto(out, x, casting="unsafe")
+    z = out.view(np.uint64)
     z += np.uint64((seed + _GAMMA) & _U64)
     t = z >> _S30
     z ^= t

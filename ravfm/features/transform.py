@@ -116,9 +116,11 @@ def _int_keys_expr(f: FieldSpec) -> pl.Expr:
     return e.cast(pl.Int64).fill_null(NULL_KEY)
 
 
-def _hash_keys(keys: np.ndarray, f: FieldSpec) -> np.ndarray:
-    """uint64 (B,) hashes of an integer field's int64 keys (B,)."""
-    return criteo_bucket_hashes(keys, f.seed) if f.kind == "numeric" else mix64(keys, f.seed)
+def _hash_keys(keys: np.ndarray, f: FieldSpec, *, in_place: bool = False) -> np.ndarray:
+    """uint64 (B,) hashes of an integer field's int64 keys (B,); in_place: overwrite keys."""
+    if f.kind == "numeric":
+        return criteo_bucket_hashes(keys, f.seed)
+    return mix64(keys, f.seed, out=keys if in_place else None)
 
 
 def field_hashes(df: pl.DataFrame, f: FieldSpec) -> np.ndarray:
@@ -222,10 +224,14 @@ def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
     if strings:  # one Polars select: the columns hash in parallel
         out = df.select([xxh3_expr(pl.col(f.name), f.seed).alias(f"_{c}") for c, f in strings])
         _put(ids, [c for c, _ in strings], out.to_numpy(), [f for _, f in strings])
-    if ints:
+    if ints:  # one select, column-major: each column stays in cache while it is hashed
         keys = df.select([_int_keys_expr(f).alias(f"_{c}") for c, f in ints]).to_numpy()
+        if not (keys.flags.f_contiguous and keys.flags.writeable):
+            keys = np.asfortranarray(keys).copy(order="F")
         for j, (c, f) in enumerate(ints):
-            _put(ids, [c], _hash_keys(keys[:, j], f)[:, None], [f])
+            h = _hash_keys(keys[:, j], f, in_place=True)
+            np.bitwise_and(h, np.uint64(f.buckets - 1), out=h)
+            np.add(h.view(np.int64), f.offset, out=ids[:, c])
     for c, f in others:
         _put(ids, [c], field_hashes(df, f)[:, None], [f])
     values = np.ones((b, width), np.float32)

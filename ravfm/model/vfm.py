@@ -28,6 +28,7 @@ every occurrence weighs 1 (a count-weighted prior, not the ELBO). The bias KL is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -67,6 +68,7 @@ class VFM(nn.Module):
         lambda_linear: float = 1.0,
         lambda_latent: float = 1.0,
         train_samples: int = 1,
+        learn_noise: bool = False,
     ) -> None:
         super().__init__()
         make_table = make_table or plain_tables()
@@ -84,6 +86,8 @@ class VFM(nn.Module):
         self.bias_logvar = nn.Parameter(torch.full((), float(init_logvar)))
         self.prior_mu = nn.Parameter(torch.zeros(groups, k + 1))  # (G, K+1): [m_w, m_v (K)]
         self.prior_logvar = nn.Parameter(torch.zeros(groups, k + 1))  # (G, K+1)
+        # regression: log of the observation-noise variance 1/tau (learned), or None = MSE
+        self.noise_logvar = nn.Parameter(torch.zeros(())) if learn_noise else None
         counts = np.ones(num_rows) if frequencies is None else np.asarray(frequencies)
         inv = 1.0 / np.maximum(counts.astype(np.float64), 1.0)
         self.register_buffer("inv_count", torch.as_tensor(inv, dtype=torch.float32),
@@ -144,7 +148,7 @@ class VFM(nn.Module):
         mu, logvar = self._split(self.table(batch.ids))
         if not self.training:
             raw = self._fm(self.bias_mu, mu, batch.values)
-            data = data_loss(raw, batch.label, task)
+            data = self._data(raw, batch.label, task)
         elif self.train_samples == 0:
             if task != "regression":
                 raise UserError(
@@ -152,12 +156,24 @@ class VFM(nn.Module):
                     "task=regression; use 1 or more samples for binary"
                 )
             raw, var = self._moments(mu, logvar, batch.values)
-            data = ((batch.label.to(raw.dtype) - raw).pow(2) + var).mean()
+            data = self._nll(((batch.label.to(raw.dtype) - raw).pow(2) + var).mean())
         else:
             raws = [self._sample(mu, logvar, batch.values) for _ in range(self.train_samples)]
-            data = sum(data_loss(r, batch.label, task) for r in raws) / len(raws)
+            data = sum(self._data(r, batch.label, task) for r in raws) / len(raws)
             raw = torch.stack(raws).mean(0)
         return data + self.kl(batch.ids, mu, logvar), raw
+
+    def _data(self, raw: Tensor, label: Tensor, task: str) -> Tensor:
+        """Mean data term (): BCE, MSE, or with a learned noise the Gaussian NLL."""
+        loss = data_loss(raw, label, task)
+        return loss if task == "binary" else self._nll(loss)
+
+    def _nll(self, sq: Tensor) -> Tensor:
+        """Mean squared error sq () -> mean -log N(y | f, 1/tau) (); sq itself without noise."""
+        if self.noise_logvar is None:
+            return sq
+        s = self.noise_logvar.to(sq.dtype)
+        return 0.5 * (math.log(2 * math.pi) + s + sq * torch.exp(-s))
 
     def _moments(self, mu: Tensor, logvar: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and exact variance (B,) of the output under q; see `predict`."""
