@@ -33,13 +33,16 @@ def prepare(rows: int, base: Path) -> tuple[Path, Path]:
     from ravfm.config import FeatureConfig, ModelConfig, RunConfig, to_dict
     from ravfm.data.convert import convert
     from ravfm.data.index import read_index
+    from ravfm.data.schemas import SCHEMA_REVISION
     from ravfm.data.synth import synth
     from ravfm.dist.world import World
     from ravfm.features.spec import build_spec
     from ravfm.train.checkpoint import latest_checkpoint, save_checkpoint
     from ravfm.train.setup import build_for_training
 
-    shards, ckpt = base / f"criteo-{rows}", base / f"criteo-{rows}-fm-ckpt"
+    # The shard contract's revision is in the names: a cache from an older one is not reused.
+    stem = f"criteo-{rows}-r{SCHEMA_REVISION}"
+    shards, ckpt = base / stem, base / f"{stem}-fm-ckpt"
     if not (shards / "_index.json").exists():
         raw = base / f"criteo-{rows}.txt"
         if not raw.exists():
@@ -48,7 +51,7 @@ def prepare(rows: int, base: Path) -> tuple[Path, Path]:
         raw.unlink()
     if latest_checkpoint(ckpt) is None:
         feats = FeatureConfig(hash_bits=20)
-        spec_dir = base / "spec-h20"
+        spec_dir = base / f"spec-h20-r{SCHEMA_REVISION}"
         build_spec(read_index(shards), feats).save(spec_dir)
         cfg = RunConfig(name="score_bench", features=feats, model=ModelConfig(name="fm", k=16))
         model, _ = build_for_training(

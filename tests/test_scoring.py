@@ -33,14 +33,15 @@ def _fm_by_definition(
     return out
 
 
-def test_fused_fm_matches_the_definition_and_the_model():
+@pytest.mark.parametrize("values", ["real", "one-hot"])  # two bags, or one when x^2 = x
+def test_fused_fm_matches_the_definition_and_the_model(values):
     torch.manual_seed(0)
     model = FM(50, 4, init_std=0.3)
     with torch.no_grad():
         model.table.weight[:, 0].normal_()
         model.bias.fill_(0.7)
     ids = torch.randint(1, 50, (6, 5))
-    x = torch.rand(6, 5) + 0.5
+    x = torch.rand(6, 5) + 0.5 if values == "real" else torch.ones(6, 5)
     ids[0, 3:], x[0, 3:] = 0, 0.0  # padding contributes nothing
     fused = FusedFM.from_model(model)
     got = fused(ids, x)

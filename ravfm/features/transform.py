@@ -194,15 +194,24 @@ def field_ids(df: pl.DataFrame, f: FieldSpec) -> np.ndarray:
     return (field_hashes(df, f) & np.uint64(f.buckets - 1)).astype(np.int64) + f.offset
 
 
-def _put(ids: np.ndarray, cols: list[int], h: np.ndarray, fields: list[FieldSpec]) -> None:
-    """ids[:, cols] = offset + (h & (buckets - 1)); h: uint64 (B, len(cols)), reused if writable."""
-    masks = np.array([f.buckets - 1 for f in fields], np.uint64)
-    rows = np.bitwise_and(h, masks, out=h if h.flags.writeable else None).view(np.int64)
-    rows += np.array([f.offset for f in fields], np.int64)
-    if cols == list(range(cols[0], cols[0] + len(cols))):
-        ids[:, cols[0] : cols[0] + len(cols)] = rows
-    else:
-        ids[:, cols] = rows
+def _rows(h: np.ndarray, f: FieldSpec, kept: np.ndarray | None) -> np.ndarray:
+    """Table rows of one scalar field: uint64 hashes (B,), overwritten -> int64 (B,) rows.
+
+    row = offset + (h & (buckets - 1)), folded into the field's OOV row where min-count
+    dropped the id (kept: bool (N,) over the table, or None when nothing is folded).
+    """
+    np.bitwise_and(h, np.uint64(f.buckets - 1), out=h)
+    r = h.view(np.int64)
+    r += f.offset
+    if kept is not None:
+        np.putmask(r, ~kept[r], f.oov_row)
+    return r
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    """a itself when it may be overwritten (uint64 view), else a copy."""
+    a = a if a.flags.writeable else a.copy()
+    return a.view(np.uint64)
 
 
 def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
@@ -211,10 +220,14 @@ def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
     batch: pyarrow.Table/RecordBatch, polars.DataFrame or dict of numpy arrays. Real ids lie in
     [1, N); padding is (0, 0.0). Binary labels become 0/1 (libSVM -1 -> 0); a missing label
     column gives zeros.
+
+    Each field is hashed as one contiguous column (B,) that stays in cache through all its
+    passes, then written into its column of the row-major ids.
     """
     df = _as_polars(batch, spec)
     check_schema(df.schema, spec)
     b, width = df.height, spec.num_fields
+    kept = spec.kept_mask
     starts = np.cumsum([0] + [f.width for f in spec.fields])[:-1]
     scalar = [(int(c), f) for c, f in zip(starts, spec.fields) if f.kind != "multi"]
     strings = [(c, f) for c, f in scalar if f.hasher == HASH_FUNCTION and f.kind == "categorical"]
@@ -223,26 +236,24 @@ def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
     ids = np.empty((b, width), np.int64)
     if strings:  # one Polars select: the columns hash in parallel
         out = df.select([xxh3_expr(pl.col(f.name), f.seed).alias(f"_{c}") for c, f in strings])
-        _put(ids, [c for c, _ in strings], out.to_numpy(), [f for _, f in strings])
-    if ints:  # one select, column-major: each column stays in cache while it is hashed
+        h = out.to_numpy(order="fortran")
+        for j, (c, f) in enumerate(strings):
+            ids[:, c] = _rows(_writable(h[:, j]), f, kept)
+    if ints:  # one select, column-major: each column is hashed in place
         keys = df.select([_int_keys_expr(f).alias(f"_{c}") for c, f in ints]).to_numpy()
         if not (keys.flags.f_contiguous and keys.flags.writeable):
             keys = np.asfortranarray(keys).copy(order="F")
         for j, (c, f) in enumerate(ints):
-            h = _hash_keys(keys[:, j], f, in_place=True)
-            np.bitwise_and(h, np.uint64(f.buckets - 1), out=h)
-            np.add(h.view(np.int64), f.offset, out=ids[:, c])
+            ids[:, c] = _rows(_hash_keys(keys[:, j], f, in_place=True), f, kept)
     for c, f in others:
-        _put(ids, [c], field_hashes(df, f)[:, None], [f])
+        ids[:, c] = _rows(field_hashes(df, f), f, kept)
     values = np.ones((b, width), np.float32)
     for c, f in zip(starts, spec.fields):
         if f.kind == "multi":
-            ids[:, c : c + f.width], values[:, c : c + f.width] = _multi(df, f, b)
-    if spec.kept_mask is not None:
-        keep = spec.kept_mask[ids]
-        if not keep.all():
-            oov = np.array([f.oov_row for f in spec.fields for _ in range(f.width)], np.int64)
-            ids = np.where(keep, ids, oov)
+            block, values[:, c : c + f.width] = _multi(df, f, b)
+            if kept is not None:
+                block = np.where(kept[block], block, f.oov_row)
+            ids[:, c : c + f.width] = block
     return {"ids": ids, "values": values, "label": _label(df, spec)}
 
 
