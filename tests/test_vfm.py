@@ -185,3 +185,60 @@ def test_exact_expectation_is_refused_for_binary():
     vfm, batch = _vfm(train_samples=0), _batch()
     with pytest.raises(UserError, match="train_samples=0"):
         vfm.loss(Batch(batch.ids, batch.values, (batch.label > 3).double()), "binary")
+
+
+def test_learned_noise_loss_is_the_gaussian_negative_log_likelihood():
+    vfm, batch = _vfm(learn_noise=True), _batch()
+    with torch.no_grad():
+        vfm.noise_logvar.fill_(-0.4)
+    vfm.eval()
+    loss, raw = vfm.loss(batch, "regression")
+    mu, logvar = vfm._split(vfm.table(batch.ids))
+    kl = vfm.kl(batch.ids, mu, logvar)
+    sd = torch.tensor(-0.4, dtype=torch.float64).mul(0.5).exp()
+    nll = -torch.distributions.Normal(raw, sd).log_prob(batch.label).mean()
+    torch.testing.assert_close(loss - kl, nll)
+
+
+def test_learned_noise_exact_expectation_matches_sampled_log_densities():
+    vfm, batch = _vfm(learn_noise=True, train_samples=0), _batch(b=5)
+    with torch.no_grad():
+        vfm.noise_logvar.fill_(0.3)
+    vfm.train()
+    exact, _ = vfm.loss(batch, "regression")
+    vfm.train_samples = 1
+    torch.manual_seed(0)
+    r = 20_000
+    many = Batch(batch.ids.repeat(r, 1), batch.values.repeat(r, 1), batch.label.repeat(r))
+    sampled, _ = vfm.loss(many, "regression")
+    torch.testing.assert_close(sampled, exact, rtol=0.01, atol=0)
+
+
+def test_noise_precision_is_learned_only_on_request_and_gets_a_gradient():
+    assert _vfm().noise_logvar is None
+    vfm, batch = _vfm(learn_noise=True, train_samples=0), _batch()
+    vfm.train()
+    vfm.loss(batch, "regression")[0].backward()
+    assert vfm.noise_logvar.grad is not None and vfm.noise_logvar.grad.abs() > 0
+
+
+def test_rows_unseen_in_train_answer_with_their_field_prior_in_eval():
+    batch = _batch(b=8)
+    counts = torch.bincount(batch.ids.reshape(-1), minlength=N).numpy()
+    cold = batch.ids[0, 1]  # one row of field 1 that train never saw
+    counts[cold.item()] = 0
+    vfm = _vfm(frequencies=counts)
+    ref = _vfm(frequencies=None)  # the same weights, every row taken as seen
+    with torch.no_grad():
+        ref.table.weight[cold, : K + 1] = vfm.prior_mu[FIELDS[1]]
+        ref.table.weight[cold, K + 1 :] = vfm.prior_logvar[FIELDS[1]]
+    for a, b in zip(
+        vfm.predict(batch.ids, batch.values, True), ref.predict(batch.ids, batch.values, True)
+    ):
+        torch.testing.assert_close(a, b)
+    plain = _vfm(frequencies=None).train()
+    vfm.train()  # training reads the table row itself (the KL pulls it toward the prior)
+    torch.manual_seed(0)
+    ours = vfm(batch.ids, batch.values)
+    torch.manual_seed(0)
+    torch.testing.assert_close(ours, plain(batch.ids, batch.values))

@@ -92,10 +92,30 @@ class VFM(nn.Module):
         inv = 1.0 / np.maximum(counts.astype(np.float64), 1.0)
         self.register_buffer("inv_count", torch.as_tensor(inv, dtype=torch.float32),
                              persistent=False)  # fmt: skip
+        # rows never seen in train keep their random init; at eval they answer with the prior
+        self.register_buffer("unseen", torch.as_tensor(counts <= 0) if frequencies is not None
+                             else torch.zeros(num_rows, dtype=torch.bool), persistent=False)  # fmt: skip
 
     def _split(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """rows (B, F, 2K+2) -> posterior means, log-variances (B, F, K+1) each."""
         return rows[..., : self.k + 1], rows[..., self.k + 1 :]
+
+    def _prior(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Each column's prior mean and log-variance, (F, K+1) each."""
+        return self.prior_mu[self.field_index].to(dtype), self.prior_logvar[self.field_index].to(
+            dtype
+        )
+
+    def _posterior(self, ids: Tensor, cold_prior: bool) -> tuple[Tensor, Tensor]:
+        """q's means and log-variances at ids (B, F) -> (B, F, K+1) each. With cold_prior (eval,
+        predict), a row never seen in train (frequency 0) is its field's prior: its table row is
+        an untrained init, not a posterior."""
+        mu, logvar = self._split(self.table(ids))
+        if not cold_prior:
+            return mu, logvar
+        cold = self.unseen[ids].unsqueeze(-1)  # (B, F, 1)
+        pm, plv = self._prior(mu.dtype)
+        return torch.where(cold, pm, mu), torch.where(cold, plv, logvar)
 
     def _fm(self, bias: Tensor, theta: Tensor, values: Tensor) -> Tensor:
         """bias () or (B,), theta (B, F, K+1) = [w, v], values (B, F) -> (B,)."""
@@ -117,7 +137,7 @@ class VFM(nn.Module):
     def forward(self, ids: Tensor, values: Tensor) -> Tensor:
         """Raw output (B,): one posterior sample while training, the posterior mean in eval."""
         self._check_fields(ids)
-        mu, logvar = self._split(self.table(ids))
+        mu, logvar = self._posterior(ids, not self.training)
         if self.training:
             return self._sample(mu, logvar, values)
         return self._fm(self.bias_mu, mu, values)
@@ -128,8 +148,7 @@ class VFM(nn.Module):
         ids (B, F); mu, logvar (B, F, K+1) the posterior rows at those ids.
         """
         lam_b, lam_w, lam_v = self.lambdas
-        pm = self.prior_mu[self.field_index].to(mu.dtype)  # (F, K+1): each column's group
-        plv = self.prior_logvar[self.field_index].to(mu.dtype)
+        pm, plv = self._prior(mu.dtype)  # (F, K+1): each column's group
         kl = gaussian_kl(mu, logvar, pm, plv)  # (B, F, K+1)
         per_occ = lam_w * kl[..., 0] + lam_v * kl[..., 1:].sum(-1)  # (B, F)
         weight = self.inv_count[ids].to(mu.dtype) * (ids != PAD_ID).to(mu.dtype)
@@ -145,7 +164,7 @@ class VFM(nn.Module):
         while training (the posterior mean with train_samples=0), the posterior mean in eval.
         """
         self._check_fields(batch.ids)
-        mu, logvar = self._split(self.table(batch.ids))
+        mu, logvar = self._posterior(batch.ids, not self.training)
         if not self.training:
             raw = self._fm(self.bias_mu, mu, batch.values)
             data = self._data(raw, batch.label, task)
@@ -199,7 +218,7 @@ class VFM(nn.Module):
         Assumes the F positions of an example hold distinct rows (padding aside).
         """
         self._check_fields(ids)
-        mu, logvar = self._split(self.table(ids))
+        mu, logvar = self._posterior(ids, True)
         if not return_std:
             return self._fm(self.bias_mu, mu, values)
         mean, var = self._moments(mu, logvar, values)
