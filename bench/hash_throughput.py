@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
     naive = naive_rows / t_naive
     plh = a.rows / t_plhash
     rows = [
-        ["ravfm transform (stable: splitmix64 + Criteo buckets), Arrow batches", a.batch, ours, 1.0],
+        [
+            "ravfm transform (stable: splitmix64 + Criteo buckets), Arrow batches",
+            a.batch,
+            ours,
+            1.0,
+        ],
         ["ravfm transform, two threads (as two Ray Data map tasks)", a.batch, two, two / ours],
         [
             "ravfm transform, one table",
