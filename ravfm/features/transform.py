@@ -27,6 +27,7 @@ from ravfm.features.hashing import (
     quantile_bucket,
     xxh3_expr,
 )
+from ravfm.features.kernels import arrow_int_column, hash_int_fields
 from ravfm.features.spec import FeatureSpec, FieldSpec
 
 __all__ = [
@@ -208,6 +209,13 @@ def _rows(h: np.ndarray, f: FieldSpec, kept: np.ndarray | None) -> np.ndarray:
     return r
 
 
+def _int_column(df: pl.DataFrame, arrow: pa.Table | None, f: FieldSpec) -> tuple | None:
+    """The kernel's view of an integer field's column (see kernels.arrow_int_column), or None."""
+    if f.kind == "numeric" and f.bucketiser != "log2":
+        return None
+    return arrow_int_column(arrow.column(f.name) if arrow is not None else df[f.name].to_arrow())
+
+
 def _writable(a: np.ndarray) -> np.ndarray:
     """a itself when it may be overwritten (uint64 view), else a copy."""
     a = a if a.flags.writeable else a.copy()
@@ -226,6 +234,7 @@ def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
     """
     df = _as_polars(batch, spec)
     check_schema(df.schema, spec)
+    arrow = batch if isinstance(batch, pa.Table) else None  # zero-copy columns for the kernel
     b, width = df.height, spec.num_fields
     kept = spec.kept_mask
     starts = np.cumsum([0] + [f.width for f in spec.fields])[:-1]
@@ -239,6 +248,11 @@ def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
         h = out.to_numpy(order="fortran")
         for j, (c, f) in enumerate(strings):
             ids[:, c] = _rows(_writable(h[:, j]), f, kept)
+    fast = [(c, f, col) for c, f in ints if (col := _int_column(df, arrow, f)) is not None]
+    if fast:  # compiled, straight from the Arrow buffers: one pass writes every id
+        hash_int_fields([x[2] for x in fast], [x[1] for x in fast], [x[0] for x in fast], kept, ids)
+        done = {c for c, _, _ in fast}
+        ints = [(c, f) for c, f in ints if c not in done]
     if ints:  # one select, column-major: each column is hashed in place
         keys = df.select([_int_keys_expr(f).alias(f"_{c}") for c, f in ints]).to_numpy()
         if not (keys.flags.f_contiguous and keys.flags.writeable):
