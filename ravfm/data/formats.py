@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
+from ravfm.data.criteo_fast import split_canonical
 from ravfm.data.parse import Parsed, drop_rows, parse_delimited, pl_schema
 from ravfm.data.schemas import AVAZU, CRITEO, CRITEO_CAT, CRITEO_HEX_DIGITS, schema_for
 from ravfm.errors import UserError
@@ -82,6 +83,17 @@ class Criteo:
         return None if variant == "test" else "label"
 
     def parse(self, block: bytes, *, file: str, first_line: int, variant: str) -> Parsed:
+        """Canonical lines through the compiled parser, any other line through `parse_polars`."""
+
+        def slow(sub: bytes, first: int) -> Parsed:
+            return self.parse_polars(sub, file=file, first_line=first, variant=variant)
+
+        return split_canonical(
+            block, has_label=variant != "test", file=file, first_line=first_line, slow=slow
+        )
+
+    def parse_polars(self, block: bytes, *, file: str, first_line: int, variant: str) -> Parsed:
+        """The reference path: Polars read_csv with the exact dtypes, then hex decoding."""
         cols = pl_schema(self.columns(variant))
         cols.update({c: pl.String() for c in CRITEO_CAT})  # hex text, decoded below
         p = parse_delimited(
