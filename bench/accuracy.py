@@ -3,7 +3,8 @@
 `make bench-accuracy` (python -m bench.accuracy) runs ravfm's own pipeline end to end: convert
 -> stats (frequencies, feature spec) -> transform -> ravfm.train.loop.Trainer with the sparse
 tables and optimizers of ravfm.dist, then scores the test split with model.predict. It prints
-one table and writes bench/results/accuracy.json (dataset -> model -> metric).
+one table and writes bench/results/accuracy.json (dataset -> model -> metric); a run limited by
+--only keeps the other datasets' entries from the previous file, each marked `measured` (when).
 
 - MovieLens 100K, standard folds u1..u5 (train on uX.base, test on uX.test, no validation and
   no per-fold tuning: one fixed recipe per model), user and item only, and the side-feature
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import tempfile
 import time
@@ -31,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bench._common import table, write_result
+from bench._common import RESULTS, table, write_result
 from ravfm.batch import Batch, from_numpy
 from ravfm.config import FeatureConfig, ModelConfig, OptimConfig, RaFMConfig, VFMConfig
 from ravfm.data.convert import convert
@@ -50,6 +52,7 @@ from ravfm.train.loop import Position, Trainer
 
 __all__ = ["main", "RECIPES"]
 
+DATASETS = ("ml-100k", "ml-100k-side", "frappe", "synthetic-criteo")  # keys of accuracy.json
 ML_FIELDS = ("user_id", "item_id")
 ML_SIDE = ML_FIELDS + ("age", "gender", "occupation", "genres")
 
@@ -267,6 +270,21 @@ def _markdown(res: dict[str, Any]) -> str:
     return table(["dataset", "model", "metric", "value", "folds / details", "details"], rows)
 
 
+def _keep_previous(res: dict[str, Any]) -> dict[str, Any]:
+    """Datasets this run skipped (--only) keep their entries from the last accuracy.json,
+    each marked with the time it was measured."""
+    path = RESULTS / "accuracy.json"
+    prev = json.loads(path.read_text()) if path.is_file() else {}
+    out = {}
+    for ds in DATASETS:
+        if ds in res:
+            out[ds] = res[ds]
+        elif ds in prev:
+            out[ds] = {name: {**m, "measured": m.get("measured", prev.get("when"))}
+                       for name, m in prev[ds].items()}  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n")[0])
     p.add_argument("--only", nargs="*", default=["movielens", "frappe", "criteo"])
@@ -285,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             res["frappe"] = frappe(root / "frappe" / "frappe.validation.libfm", work / "frappe")
         if "criteo" in a.only:
             res["synthetic-criteo"] = synthetic_criteo(work / "criteo", a.criteo_rows)
+    res = _keep_previous(res)
     md = _markdown(res)
     print(md)
     recipes = {ds: {n: {"model": dataclasses.asdict(r[0]), "optim": dataclasses.asdict(r[1]),

@@ -102,6 +102,7 @@ class VFMConfig:
     lambda_latent: float = 1.0
     init_logvar: float = -10.0
     train_samples: int = 1  # reparameterised samples per training step
+    learn_noise: bool = False  # regression: learn the observation-noise variance (Gaussian NLL)
 
 
 @dataclass(frozen=True)

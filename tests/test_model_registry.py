@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ravfm.batch import Batch
-from ravfm.config import ModelConfig, RaFMConfig
+from ravfm.config import ModelConfig, RaFMConfig, VFMConfig
 from ravfm.errors import UserError
 from ravfm.model.layers import PlainTable
 from ravfm.model.registry import build_model
@@ -94,3 +94,11 @@ def test_predict_is_deterministic_and_matches_eval_forward(name):
     model.eval()
     torch.testing.assert_close(model.predict(b.ids, b.values), model(b.ids, b.values))
     torch.testing.assert_close(model.predict(b.ids, b.values), model.predict(b.ids, b.values))
+
+
+def test_vfm_config_passes_its_settings_to_the_model():
+    plain = _build("vfm")
+    assert plain.noise_logvar is None and plain.train_samples == 1
+    vfm = _build("vfm", vfm=VFMConfig(learn_noise=True, train_samples=0, lambda_latent=0.5))
+    assert vfm.noise_logvar is not None and vfm.train_samples == 0
+    assert vfm.lambdas == (1.0, 1.0, 0.5)

@@ -60,6 +60,7 @@ def build_model(
             lambda_linear=v.lambda_linear,
             lambda_latent=v.lambda_latent,
             train_samples=v.train_samples,
+            learn_noise=v.learn_noise,
             **common,
         )
     if cfg.name == "rafm":
