@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         bare_by_threads = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            bare_by_threads[threads] = bare_step_sps(
-                batches, k=args.k, num_rows=2**args.hash_bits, steps=8
-            )
+            bare_by_threads[threads] = bare_step_sps(  # the step `ravfm train` runs: FM
+                batches, k=args.k, num_rows=2**args.hash_bits, steps=8, use_bag=True
+            )  # terms from table.bag, element-wise sparse Adagrad (the config's defaults)
         bare, bare2 = bare_by_threads[1], bare_by_threads[2]
         one, one_wall = pipeline_sps(
             work / "shards", work / "runs", 1, sharding="replicated", **common
