@@ -19,6 +19,18 @@ def shared_data():
     return root
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray cluster for one test module, shut down after it."""
+    import ray
+
+    from ravfm.driver import init_ray
+
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -19,17 +19,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from ravfm.driver import init_ray
-
-    init_ray(None)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def criteo(tmp_path_factory, shared_data):
     tmp = tmp_path_factory.mktemp("ingest")
     src = shared_data / "criteo" / "dac_sample_8k.txt"

@@ -10,17 +10,6 @@ import pytest
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from ravfm.driver import init_ray
-
-    init_ray(None)
-    yield
-    ray.shutdown()
-
-
 def _cfg(tmp, shared_data, name, *extra):
     from ravfm.config import load_config
 
