@@ -91,3 +91,13 @@ def test_parsed_frame_has_the_shard_dtypes():
         {"label": pl.Int8, **{f"I{i}": pl.Int64 for i in range(1, 14)}}
         | {f"C{i}": pl.UInt32 for i in range(1, 27)}
     )
+
+
+def test_a_last_line_without_newline_is_parsed_too():
+    rng = np.random.default_rng(3)
+    block = "\n".join(_line(rng, True) for _ in range(5)).encode()  # no final newline
+    fast = C.parse(block, file="f", first_line=1, variant="train")
+    ref = C.parse_polars(block + b"\n", file="f", first_line=1, variant="train")
+    assert_frame_equal(fast.df, ref.df)
+    with pytest.raises(ValueError, match="newline"):
+        parse_canonical(block, True)

@@ -127,6 +127,8 @@ def parse_canonical(block: bytes, has_label: bool) -> tuple[pl.DataFrame, np.nda
     The frame has Criteo's shard columns (label Int8 when has_label, I1..I13 Int64, C1..C26
     UInt32) in order.
     """
+    if block and not block.endswith(b"\n"):  # the parser's loop relies on a final newline
+        raise ValueError("parse_canonical takes whole lines, each ending in a newline")
     buf = np.frombuffer(block, dtype=np.uint8)
     lines = _count_lines(buf)  # vectorised: a third of bytes.count's time
     label = np.zeros(lines, np.int8)
@@ -152,6 +154,8 @@ def parse_canonical(block: bytes, has_label: bool) -> tuple[pl.DataFrame, np.nda
 def split_canonical(block: bytes, *, has_label: bool, file: str, first_line: int, slow) -> Parsed:
     """Parse BLOCK: canonical lines here, the others through `slow(block, first_line)` (the
     Polars path, one sub-block of just those lines), merged back in line order."""
+    if block and not block.endswith(b"\n"):
+        block += b"\n"
     df, good, starts = parse_canonical(block, has_label)
     lines = len(starts) - 1
     if len(good) == lines:
