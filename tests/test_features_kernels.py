@@ -132,3 +132,14 @@ def test_kernel_takes_writable_and_read_only_buffers_together():
     hash_int_fields(cols, [f, f], [0, 1], None, ids)
     np.testing.assert_array_equal(ids[:, 0], _numpy_rows(x, null, f, None))
     np.testing.assert_array_equal(ids[:, 1], ids[:, 0])
+
+
+def test_kernel_refuses_shapes_it_would_overrun():
+    f = next(f for f in _spec().fields if f.kind == "categorical")
+    col = arrow_int_column(pa.array(np.arange(10)))
+    with pytest.raises(ValueError):
+        hash_int_fields([col], [f], [0], None, np.empty((11, 1), np.int64))
+    with pytest.raises(ValueError):
+        hash_int_fields([col], [f], [1], None, np.empty((10, 1), np.int64))
+    with pytest.raises(ValueError):
+        hash_int_fields([col], [f], [0], np.ones(3, bool), np.empty((10, 1), np.int64))

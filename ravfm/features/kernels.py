@@ -148,6 +148,16 @@ def hash_int_fields(
     or numeric with the Criteo "log2" rule); cols: their column in ids; kept: bool (N,)
     min-count mask or None. Equal to `transform`'s numpy path, value for value.
     """
+    n, width = ids.shape
+    for (values, valid, bit_off), c in zip(columns, cols):  # the kernel does no bounds checks
+        if len(values) != n or not 0 <= c < width or (len(valid) and len(valid) * 8 < bit_off + n):
+            raise ValueError(f"column of {len(values)} rows for ids {ids.shape} at column {c}")
+    if (
+        ids.dtype != np.int64
+        or kept is not None
+        and len(kept) < max((f.offset + f.buckets for f in fields), default=0)
+    ):
+        raise ValueError("ids must be int64 and kept must cover every field's rows")
     by_dtype: dict[np.dtype, list[int]] = {}
     for j, (values, _, _) in enumerate(columns):
         by_dtype.setdefault(values.dtype, []).append(j)
