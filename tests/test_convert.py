@@ -315,3 +315,21 @@ def test_every_shard_row_lands_in_the_split_its_row_number_hashes_to(shared_data
         assert (hash_split(r, 11, (8, 1, 1)) == k).all()
         rows.append(r)
     assert sorted(np.concatenate(rows).tolist()) == list(range(8999))
+
+
+def test_a_failing_shard_writer_fails_the_conversion_and_leaves_nothing(
+    shared_data, tmp_path, monkeypatch
+):
+    import ravfm.data.shards as shards
+
+    out = tmp_path / "out"
+    src = shared_data / "criteo" / "dac_sample_8k.txt"
+
+    def disk_full(self, table):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards._SplitWriter, "_write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert("criteo", str(src), out, rows_per_shard=1000)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))  # the temporary directory is gone too

@@ -23,7 +23,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import IO, Any
 
@@ -295,11 +295,21 @@ def _run(
                     break
             if pending is not None:
                 pending.result()
+        except BaseException:
+            if pending is not None:
+                wait([pending])  # the router may still be handing rows to the shard writers
+            if shards is not None:
+                shards.abort()  # no writer thread may touch tmp after the caller removes it
+            raise
         finally:
             rejects.close()
     if lines == 0 or shards is None:
         raise UserError(f"{src}: the source holds no data lines; check the path or URL")
-    shard_list = shards.close()
+    try:
+        shard_list = shards.close()
+    except BaseException:
+        shards.abort()
+        raise
     bad = rejects.total
     if bad > max_reject_rate * lines:
         keep = Path(f"{out}.rejects")

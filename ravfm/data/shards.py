@@ -7,6 +7,8 @@ memory stays bounded by (row group rows x splits), whatever the input size.
 from __future__ import annotations
 
 import json
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from ravfm.data.parse import Reject, pl_schema
 __all__ = ["ShardSet", "RejectLog", "ROW_GROUP_ROWS", "REJECTS_FILE"]
 
 ROW_GROUP_ROWS = 1 << 17
+_QUEUE = 2  # batches waiting per split writer
 REJECTS_FILE = "rejects.jsonl"
 _COMPAT = pl.CompatLevel.newest()  # string_view: zero-copy from Polars
 
@@ -99,7 +102,12 @@ class _SplitWriter:
 
 
 class ShardSet:
-    """The shards of every split under ROOT, named `{split}-{k:05d}.parquet`."""
+    """The shards of every split under ROOT, named `{split}-{k:05d}.parquet`.
+
+    Each split is written by its own thread (pyarrow encodes and compresses without the GIL),
+    so the train split's writes overlap the smaller splits' and the caller's parsing; at most
+    _QUEUE batches wait per split, which keeps memory bounded.
+    """
 
     def __init__(
         self,
@@ -114,6 +122,8 @@ class ShardSet:
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = min(row_group_rows, rows_per_shard)
         self.writers: dict[str, _SplitWriter] = {}
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pending: dict[str, deque[Future]] = {}
 
     def add(self, split: str, df: pl.DataFrame) -> None:
         if not len(df):
@@ -123,13 +133,36 @@ class ShardSet:
             w = self.writers[split] = _SplitWriter(
                 self.root, split, self.schema, self.rows_per_shard, self.row_group_rows
             )
-        w.add(df.to_arrow(compat_level=_COMPAT).cast(self.schema))
+            self._pools[split] = ThreadPoolExecutor(1, thread_name_prefix=f"ravfm-{split}")
+            self._pending[split] = deque()
+        queue = self._pending[split]
+        queue.append(self._pools[split].submit(w.add, df.to_arrow(compat_level=_COMPAT)
+                                               .cast(self.schema)))  # fmt: skip
+        while len(queue) > _QUEUE:
+            queue.popleft().result()  # a writer's error surfaces here
 
     def close(self) -> list[dict[str, Any]]:
+        """Finish every split's writes and close its last shard; the shard list, split order."""
+        try:
+            for queue in self._pending.values():
+                while queue:
+                    queue.popleft().result()
+        finally:
+            self._stop()
         shards = []
         for split in sorted(self.writers, key=lambda s: ("train", "valid", "test").index(s)):
             shards += self.writers[split].close()
         return shards
+
+    def abort(self) -> None:
+        """Stop writing (a failed conversion): pending writes are dropped, files left as they
+        are for the caller to remove."""
+        self._stop(cancel=True)
+
+    def _stop(self, cancel: bool = False) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=True, cancel_futures=cancel)
+        self._pools.clear()
 
 
 class RejectLog:
