@@ -72,8 +72,7 @@ def read_hash(
     import fsspec
     import pyarrow.parquet as pq
 
-    want = {c for f in spec.fields for c in (f.name, f.value_column) if c}
-    want |= {spec.label, ROW_COLUMN, *keep} - {None}
+    want = {*spec.columns, spec.label, ROW_COLUMN, *keep} - {None}
     for path, group in zip(items["path"], items["group"]):
         fs, p = fsspec.core.url_to_fs(str(path))
         with fs.open(p, "rb") as f:

@@ -174,17 +174,17 @@ def resolve_input(src: str, dataset: str, tmp_root: Path) -> tuple[list[str], bo
 def _parts(paths: list[str], rows_per_part: int) -> list[dict]:
     """Work items in input order: each a run of whole row groups of one file, ~rows_per_part
     rows, named part-FFFFF-CCCC.parquet so name order is input order."""
+    from ravfm.ingest import row_groups
+
     items = []
     for i, path in enumerate(paths):
-        fs, p = _fs(path)
-        with fs.open(p, "rb") as f:
-            md = pq.ParquetFile(f).metadata
         groups: list[int] = []
         rows = 0
-        for g in range(md.num_row_groups):
-            groups.append(g)
-            rows += md.row_group(g).num_rows
-            if rows >= rows_per_part or g == md.num_row_groups - 1:
+        file_groups = row_groups([path])
+        for g in file_groups:
+            groups.append(g["group"])
+            rows += g["rows"]
+            if rows >= rows_per_part or g is file_groups[-1]:
                 items.append(
                     {
                         "path": path,
@@ -248,8 +248,7 @@ class _PartWriter:
 
 
 def _columns(spec: Any, keep: list[str]) -> list[str]:
-    cols = [c for f in spec.fields for c in (f.name, f.value_column) if c is not None]
-    return list(dict.fromkeys(cols + list(keep)))
+    return list(dict.fromkeys(spec.columns + list(keep)))
 
 
 def _schema(path: str) -> pa.Schema:

@@ -305,11 +305,7 @@ def _run(
             rejects.close()
     if lines == 0 or shards is None:
         raise UserError(f"{src}: the source holds no data lines; check the path or URL")
-    try:
-        shard_list = shards.close()
-    except BaseException:
-        shards.abort()
-        raise
+    shard_list = shards.close()
     bad = rejects.total
     if bad > max_reject_rate * lines:
         keep = Path(f"{out}.rejects")

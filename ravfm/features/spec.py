@@ -97,6 +97,11 @@ class FeatureSpec:
         return sum(f.width for f in self.fields)
 
     @property
+    def columns(self) -> list[str]:
+        """The data columns the fields read, in field order: names, then libSVM value columns."""
+        return list(dict.fromkeys(c for f in self.fields for c in (f.name, f.value_column) if c))
+
+    @property
     def field_index(self) -> list[int]:
         """(F,) field number of each id column (VFM groups its priors by field)."""
         return [i for i, f in enumerate(self.fields) for _ in range(f.width)]

@@ -137,9 +137,7 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
         edges = _fit_edges(paths, probe, cfg.quantile_buckets, total, cfg.seed)
     base = build_spec(index, cfg, edges=edges)
     label = index.get("label") if index.get("label") in index["schema"] else None
-    columns = sorted(
-        {c for f in base.fields for c in (f.name, f.value_column) if c} | {label} - {None}
-    )
+    columns = sorted(set(base.columns) | {label} - {None})
     counts, longest, rows_seen, unit_labels = _PairCounts(), {}, 0, True
     for df in _batches(paths, columns):
         keys, lg = count_rows(df, base)

@@ -96,7 +96,7 @@ def _from_numpy(name: str, v: Any, dtype: str | None) -> pl.Series:
 
 def _as_polars(batch: Any, spec: FeatureSpec) -> pl.DataFrame:
     """The columns the spec reads (others are never converted), as a Polars frame."""
-    need = {c for f in spec.fields for c in (f.name, f.value_column) if c} | {spec.label}
+    need = {*spec.columns, spec.label}
     if isinstance(batch, pl.DataFrame):
         return batch.select([c for c in batch.columns if c in need])
     if isinstance(batch, pa.RecordBatch):
@@ -211,8 +211,6 @@ def _rows(h: np.ndarray, f: FieldSpec, kept: np.ndarray | None) -> np.ndarray:
 
 def _int_column(df: pl.DataFrame, arrow: pa.Table | None, f: FieldSpec) -> tuple | None:
     """The kernel's view of an integer field's column (see kernels.arrow_int_column), or None."""
-    if f.kind == "numeric" and f.bucketiser != "log2":
-        return None
     return arrow_int_column(arrow.column(f.name) if arrow is not None else df[f.name].to_arrow())
 
 
