@@ -333,3 +333,36 @@ def test_a_failing_shard_writer_fails_the_conversion_and_leaves_nothing(
         convert("criteo", str(src), out, rows_per_shard=1000)
     assert not out.exists()
     assert not list(tmp_path.glob(".out.tmp-*"))  # the temporary directory is gone too
+
+
+@pytest.mark.parametrize("split", ["hash", "test"])
+def test_criteo_routed_in_the_parser_equals_parse_then_route(
+    split, shared_data, tmp_path, monkeypatch
+):
+    """Blocks the compiled parser routes itself and blocks that go parse -> route give the same
+    shards, row numbers and order; small blocks so several of each kind mix in one run."""
+    import ravfm.data.convert as conv
+    from ravfm.data.formats import Criteo
+
+    src = shared_data / "criteo" / "dac_sample_8k.txt"
+    monkeypatch.setattr(conv, "BLOCK_BYTES", 64 << 10)
+    convert("criteo", str(src), tmp_path / "routed", split=split, seed=3, rows_per_shard=3000)
+    routed = Criteo.parse_routed
+    monkeypatch.setattr(Criteo, "parse_routed", lambda self, b, **kw: None)
+    convert("criteo", str(src), tmp_path / "general", split=split, seed=3, rows_per_shard=3000)
+    calls = []
+    monkeypatch.setattr(  # every other block declines: both kinds in one conversion
+        Criteo,
+        "parse_routed",
+        lambda self, b, **kw: (
+            calls.append(1) or (None if len(calls) % 2 else routed(self, b, **kw))
+        ),
+    )
+    convert("criteo", str(src), tmp_path / "mixed", split=split, seed=3, rows_per_shard=3000)
+    assert len(calls) > 4
+    for name in ("routed", "mixed"):
+        for s in ("train", "valid", "test"):
+            got, want = split_paths(tmp_path / name, s), split_paths(tmp_path / "general", s)
+            assert [Path(p).name for p in got] == [Path(p).name for p in want]
+            for a, b in zip(got, want, strict=True):
+                assert pq.read_table(a).equals(pq.read_table(b)), (name, s, a)

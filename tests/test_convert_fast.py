@@ -101,3 +101,28 @@ def test_a_last_line_without_newline_is_parsed_too():
     assert_frame_equal(fast.df, ref.df)
     with pytest.raises(ValueError, match="newline"):
         parse_canonical(block, True)
+
+
+@pytest.mark.parametrize("variant", ["train", "test"])
+def test_routed_parse_is_the_parse_filtered_by_split(variant):
+    rng = np.random.default_rng(4)
+    block = "".join(_line(rng, variant == "train") + "\n" for _ in range(2000)).encode()
+    codes = rng.integers(0, 3, 2000).astype(np.int8)
+    parts = C.parse_routed(block, variant=variant, codes=codes)
+    ref = C.parse_polars(block, file="f", first_line=1, variant=variant).df
+    for k in range(3):
+        assert_frame_equal(pl.from_arrow(parts[k]), ref.filter(pl.Series(codes == k)))
+
+
+def test_routed_parse_declines_a_block_with_an_odd_line():
+    rng = np.random.default_rng(5)
+    lines = [_line(rng, True) for _ in range(50)]
+    codes = np.zeros(51, np.int8)
+    odd_lines = [x for x in ODD_LINES if not len(parse_canonical((x + "\n").encode(), True)[1])]
+    assert len(odd_lines) == len(ODD_LINES) - 2  # upper-case hex, "-0" and "007" are canonical
+    for odd in odd_lines:
+        block = ("\n".join(lines[:20] + [odd] + lines[20:]) + "\n").encode()
+        assert C.parse_routed(block, variant="train", codes=codes) is None
+    assert (
+        C.parse_routed(b"\n".join(x.encode() for x in lines), variant="train", codes=codes) is None
+    )

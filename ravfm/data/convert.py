@@ -27,9 +27,12 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 
 import ravfm
+from ravfm.data.criteo_fast import count_lines
 from ravfm.data.formats import FORMATS, LineFormat
 from ravfm.data.index import (
     FORMAT_VERSION,
@@ -123,6 +126,23 @@ class _Router:
     def __init__(self, shards: ShardSet, rule: dict[str, Any]) -> None:
         self.shards, self.rule = shards, rule
         self.rows = {s: 0 for s in SPLITS}
+
+    def codes(self, row_base: int, lines: int, fixed: str | None) -> np.ndarray:
+        """(lines,) int8 split code (index in SPLITS) of each line of a block."""
+        split = fixed or (self.rule["split"] if self.rule["kind"] == "all" else None)
+        if split is not None:
+            return np.full(lines, SPLITS.index(split), np.int8)
+        rows = np.arange(row_base, row_base + lines, dtype=np.int64)
+        return hash_split(rows, self.rule["seed"], self.rule["ratios"])
+
+    def add_routed(self, parts: list[pa.Table], codes: np.ndarray, row_base: int) -> None:
+        """Append a block the format parsed and routed itself: parts[k] holds, in line order,
+        the rows of the lines with code k (every line parsed)."""
+        for k, t in enumerate(parts):
+            if t.num_rows:
+                rows = np.flatnonzero(codes == k) + row_base
+                self.shards.add(SPLITS[k], t.append_column(ROW_COLUMN, pa.array(rows)))
+                self.rows[SPLITS[k]] += t.num_rows
 
     def __call__(self, p: Parsed, row_base: int, fixed: str | None) -> None:
         # The source row number travels with the row: a restarted training run skips exactly
@@ -261,6 +281,7 @@ def _run(
     line_no = 1
     pending: Future | None = None
     stopped = False
+    routed = getattr(parser, "parse_routed", None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ravfm-write") as pool:
         try:
             for file, fixed, first, block in prefetch(lambda: _blocks(parts)):
@@ -281,12 +302,20 @@ def _run(
                         block, line_no = block[cut:], line_no + 1
                     if not block:
                         continue
-                p = parser.parse(block, file=file, first_line=line_no, variant=chosen)
-                n = block.count(b"\n")
-                rejects.add(sorted(p.rejects, key=lambda r: r.line))
+                n = count_lines(block)
+                by_split = None
+                if routed is not None:  # the format parses and routes in one pass
+                    codes = router.codes(row_base, n, fixed)
+                    by_split = routed(block, variant=chosen, codes=codes)
+                if by_split is None:
+                    p = parser.parse(block, file=file, first_line=line_no, variant=chosen)
+                    rejects.add(sorted(p.rejects, key=lambda r: r.line))
                 if pending is not None:
                     pending.result()
-                pending = pool.submit(router, p, row_base, fixed)
+                if by_split is None:
+                    pending = pool.submit(router, p, row_base, fixed)
+                else:
+                    pending = pool.submit(router.add_routed, by_split, codes, row_base)
                 lines += n
                 row_base += n
                 line_no += n

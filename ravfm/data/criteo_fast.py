@@ -21,7 +21,7 @@ import pyarrow as pa
 from ravfm.data.parse import Parsed
 from ravfm.data.schemas import CRITEO_CAT, CRITEO_INT
 
-__all__ = ["parse_canonical", "split_canonical"]
+__all__ = ["count_lines", "parse_canonical", "parse_routed", "split_canonical"]
 
 _TAB, _LF, _MINUS = 9, 10, 45
 _HEX = np.full(256, 255, np.uint8)
@@ -32,20 +32,24 @@ for _i, _c in enumerate(b"ABCDEF"):
 
 
 @numba.njit(cache=True, nogil=True)
-def _parse(buf, has_label, hexval, label, ints, int_ok, cats, cat_ok, bad, starts):  # fmt: skip
-    """Parse every line of buf (whole lines, each ending in LF). Row r of the outputs is line
-    r; bad[r] = 1 where line r is not canonical (its outputs are then unspecified).
+def _parse(buf, has_label, hexval, codes, label, ints, int_ok, cats, cat_ok, bad, starts, fill):  # fmt: skip
+    """Parse every line of buf (whole lines, each ending in LF) and route it: line r goes to
+    split s = codes[r], at that split's next free position fill[s] (each output a tuple of
+    S arrays, one per split, lines the last axis)
+    bad[r] = 1 where line r is not canonical; such a line takes no position.
     starts: (lines + 1,) byte offset of each line, and len(buf) last."""
     n = buf.shape[0]
     pos = 0
     r = 0
     while pos < n:
         starts[r] = pos
+        s = codes[r]
+        at = fill[s]
         ok = True
         if has_label:
             c = buf[pos]
             if (c == 48 or c == 49) and pos + 1 < n and buf[pos + 1] == _TAB:
-                label[r] = c - 48
+                label[s][at] = c - 48
                 pos += 2
             else:
                 ok = False
@@ -64,16 +68,16 @@ def _parse(buf, has_label, hexval, label, ints, int_ok, cats, cat_ok, bad, start
             if pos >= n or buf[pos] != _TAB or nd > 18 or (neg and nd == 0):
                 ok = False
                 break
-            ints[j, r] = -v if neg else v
-            int_ok[j, r] = nd > 0
+            ints[s][j, at] = -v if neg else v
+            int_ok[s][j, at] = nd > 0
             pos += 1
             j += 1
         j = 0
         while ok and j < 26:
             sep = _TAB if j < 25 else _LF
             if buf[pos] == sep:
-                cats[j, r] = 0
-                cat_ok[j, r] = False
+                cats[s][j, at] = 0
+                cat_ok[s][j, at] = False
                 pos += 1
                 j += 1
                 continue
@@ -89,11 +93,13 @@ def _parse(buf, has_label, hexval, label, ints, int_ok, cats, cat_ok, bad, start
                 v32 = (v32 << np.uint32(4)) | np.uint32(h)
             if not ok:
                 break
-            cats[j, r] = v32
-            cat_ok[j, r] = True
+            cats[s][j, at] = v32
+            cat_ok[s][j, at] = True
             pos += 9
             j += 1
-        if not ok:  # skip to the next line; the Polars path decides about this one
+        if ok:
+            fill[s] = at + 1
+        else:  # skip to the next line; the Polars path decides about this one
             while pos < n and buf[pos] != _LF:
                 pos += 1
             pos += 1
@@ -121,34 +127,79 @@ def _column(values: np.ndarray, valid: np.ndarray) -> pa.Array:
     )
 
 
+def count_lines(block: bytes) -> int:
+    """Newlines in BLOCK (compiled: a third of bytes.count's time, and without the GIL)."""
+    return _count_lines(np.frombuffer(block, dtype=np.uint8))
+
+
+@dataclasses.dataclass
+class _Out:
+    """The kernel's outputs for S splits, each split's arrays sized to its lines (separate
+    arrays, not one (S, ...) array: split sizes differ 8:1:1, and blocks of a few MiB are
+    reused by the allocator instead of page-faulted anew)."""
+
+    label: tuple[np.ndarray, ...]  # S x (L_s,) int8
+    ints: tuple[np.ndarray, ...]  # S x (13, L_s) int64
+    int_ok: tuple[np.ndarray, ...]  # S x (13, L_s) bool
+    cats: tuple[np.ndarray, ...]  # S x (26, L_s) uint32
+    cat_ok: tuple[np.ndarray, ...]  # S x (26, L_s) bool
+    bad: np.ndarray  # (L,) bool
+    starts: np.ndarray  # (L + 1,) int64
+    fill: np.ndarray  # (S,) rows per split
+
+    def table(self, s: int, has_label: bool) -> pa.Table:
+        """Split s's rows: label (when has_label), I1..I13 Int64, C1..C26 UInt32."""
+        n = int(self.fill[s])
+        cols: dict[str, pa.Array] = {"label": pa.array(self.label[s][:n])} if has_label else {}
+        for j, name in enumerate(CRITEO_INT):
+            cols[name] = _column(self.ints[s][j, :n], self.int_ok[s][j, :n])
+        for j, name in enumerate(CRITEO_CAT):
+            cols[name] = _column(self.cats[s][j, :n], self.cat_ok[s][j, :n])
+        return pa.table(cols)
+
+
+def _run(block: bytes, has_label: bool, codes: np.ndarray, splits: int) -> _Out:
+    if block and not block.endswith(b"\n"):  # the parser's loop relies on a final newline
+        raise ValueError("the Criteo parser takes whole lines, each ending in a newline")
+    buf = np.frombuffer(block, dtype=np.uint8)
+    lines = len(codes)
+    size = np.bincount(codes, minlength=splits)  # rows per split, at most (bad lines skip)
+    o = _Out(
+        label=tuple(np.empty(n, np.int8) for n in size),
+        ints=tuple(np.empty((13, n), np.int64) for n in size),
+        int_ok=tuple(np.empty((13, n), np.bool_) for n in size),
+        cats=tuple(np.empty((26, n), np.uint32) for n in size),
+        cat_ok=tuple(np.empty((26, n), np.bool_) for n in size),
+        bad=np.empty(lines, np.bool_),
+        starts=np.empty(lines + 1, np.int64),
+        fill=np.zeros(splits, np.int64),
+    )
+    got = _parse(buf, has_label, _HEX, codes, o.label, o.ints, o.int_ok, o.cats, o.cat_ok,
+                 o.bad, o.starts, o.fill)  # fmt: skip
+    assert got == lines, (got, lines)
+    return o
+
+
 def parse_canonical(block: bytes, has_label: bool) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
     """(rows of the canonical lines, their line indexes (M,), line starts (L + 1,)) of BLOCK.
 
     The frame has Criteo's shard columns (label Int8 when has_label, I1..I13 Int64, C1..C26
     UInt32) in order.
     """
-    if block and not block.endswith(b"\n"):  # the parser's loop relies on a final newline
-        raise ValueError("parse_canonical takes whole lines, each ending in a newline")
-    buf = np.frombuffer(block, dtype=np.uint8)
-    lines = _count_lines(buf)  # vectorised: a third of bytes.count's time
-    label = np.zeros(lines, np.int8)
-    ints = np.zeros((13, lines), np.int64)
-    int_ok = np.zeros((13, lines), np.bool_)
-    cats = np.zeros((26, lines), np.uint32)
-    cat_ok = np.zeros((26, lines), np.bool_)
-    bad = np.zeros(lines, np.bool_)
-    starts = np.zeros(lines + 1, np.int64)
-    _parse(buf, has_label, _HEX, label, ints, int_ok, cats, cat_ok, bad, starts)
-    good = np.flatnonzero(~bad)
-    if bad.any():
-        label, ints, int_ok = label[good], ints[:, good], int_ok[:, good]
-        cats, cat_ok = cats[:, good], cat_ok[:, good]
-    cols: dict[str, pa.Array] = {"label": pa.array(label)} if has_label else {}
-    for j, name in enumerate(CRITEO_INT):
-        cols[name] = _column(np.ascontiguousarray(ints[j]), int_ok[j])
-    for j, name in enumerate(CRITEO_CAT):
-        cols[name] = _column(np.ascontiguousarray(cats[j]), cat_ok[j])
-    return pl.from_arrow(pa.table(cols)), good, starts
+    lines = count_lines(block)
+    o = _run(block, has_label, np.zeros(lines, np.int8), 1)
+    return pl.from_arrow(o.table(0, has_label)), np.flatnonzero(~o.bad), o.starts
+
+
+def parse_routed(block: bytes, has_label: bool, codes: np.ndarray) -> list[pa.Table] | None:
+    """Each split's rows of BLOCK, where line r goes to split codes[r] (L,) int8 (0..S-1,
+    S = codes.max() + 1 at most 3), in line order; None when a line is not canonical, for the
+    caller to take the general path (parse + merge + route) with this block. Parsing and
+    routing in one pass skips building and filtering a whole-block frame."""
+    o = _run(block, has_label, codes, 3)
+    if o.bad.any():
+        return None
+    return [o.table(s, has_label) for s in range(3)]
 
 
 def split_canonical(block: bytes, *, has_label: bool, file: str, first_line: int, slow) -> Parsed:

@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from ravfm.data.criteo_fast import split_canonical
+from ravfm.data.criteo_fast import parse_routed, split_canonical
 from ravfm.data.parse import Parsed, drop_rows, parse_delimited, pl_schema
 from ravfm.data.schemas import AVAZU, CRITEO, CRITEO_CAT, CRITEO_HEX_DIGITS, schema_for
 from ravfm.errors import UserError
@@ -91,6 +91,13 @@ class Criteo:
         return split_canonical(
             block, has_label=variant != "test", file=file, first_line=first_line, slow=slow
         )
+
+    def parse_routed(self, block: bytes, *, variant: str, codes: np.ndarray) -> list | None:
+        """Each split's rows (line r to split codes[r]) when every line is canonical, else None
+        (then `parse` takes the block)."""
+        if not block.endswith(b"\n"):
+            return None
+        return parse_routed(block, variant != "test", codes)
 
     def parse_polars(self, block: bytes, *, file: str, first_line: int, variant: str) -> Parsed:
         """The reference path: Polars read_csv with the exact dtypes, then hex decoding."""

@@ -125,8 +125,9 @@ class ShardSet:
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._pending: dict[str, deque[Future]] = {}
 
-    def add(self, split: str, df: pl.DataFrame) -> None:
-        if not len(df):
+    def add(self, split: str, rows: pl.DataFrame | pa.Table) -> None:
+        """Queue ROWS (in the shard schema's columns) for SPLIT's writer thread."""
+        if not len(rows):
             return
         w = self.writers.get(split)
         if w is None:
@@ -136,8 +137,9 @@ class ShardSet:
             self._pools[split] = ThreadPoolExecutor(1, thread_name_prefix=f"ravfm-{split}")
             self._pending[split] = deque()
         queue = self._pending[split]
-        queue.append(self._pools[split].submit(w.add, df.to_arrow(compat_level=_COMPAT)
-                                               .cast(self.schema)))  # fmt: skip
+        if isinstance(rows, pl.DataFrame):
+            rows = rows.to_arrow(compat_level=_COMPAT)
+        queue.append(self._pools[split].submit(w.add, rows.cast(self.schema)))
         while len(queue) > _QUEUE:
             queue.popleft().result()  # a writer's error surfaces here
 
