@@ -14,6 +14,7 @@ FM.predict; its slow twin is the FM definition in tests/test_scoring.py.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -209,7 +210,13 @@ class _PartWriter:
         output: str,
         batch_size: int,
         device: str,
+        threads: int = 1,
     ) -> None:
+        # One actor per core: its Polars hashing and torch ops get that core's one thread (set
+        # before Polars starts its pool in this process), not a pool per core of the machine
+        # each, which oversubscribes the cores and spins.
+        os.environ["POLARS_MAX_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
         self.scorer = Scorer(checkpoint, keep, device)
         self.columns, self.output, self.batch_size = columns, output, batch_size
 
@@ -337,6 +344,7 @@ def score(
             "columns": _columns(spec, keep),
             "batch_size": batch_size,
             "device": "cuda" if gpus else "cpu",
+            "threads": max(1, int(cpus)),
         }
         done = (
             ray.data.from_items(items, override_num_blocks=len(items))

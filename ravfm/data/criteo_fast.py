@@ -34,8 +34,8 @@ for _i, _c in enumerate(b"ABCDEF"):
 @numba.njit(cache=True, nogil=True)
 def _parse(buf, has_label, hexval, codes, label, ints, int_ok, cats, cat_ok, bad, starts, fill):  # fmt: skip
     """Parse every line of buf (whole lines, each ending in LF) and route it: line r goes to
-    split s = codes[r], at that split's next free position fill[s] (each output a tuple of
-    S arrays, one per split, lines the last axis)
+    split s = codes[r], at that split's next free position fill[s] (lines the last axis of
+    every output; each split owns a contiguous range of it)
     bad[r] = 1 where line r is not canonical; such a line takes no position.
     starts: (lines + 1,) byte offset of each line, and len(buf) last."""
     n = buf.shape[0]
@@ -49,7 +49,7 @@ def _parse(buf, has_label, hexval, codes, label, ints, int_ok, cats, cat_ok, bad
         if has_label:
             c = buf[pos]
             if (c == 48 or c == 49) and pos + 1 < n and buf[pos + 1] == _TAB:
-                label[s][at] = c - 48
+                label[at] = c - 48
                 pos += 2
             else:
                 ok = False
@@ -68,16 +68,16 @@ def _parse(buf, has_label, hexval, codes, label, ints, int_ok, cats, cat_ok, bad
             if pos >= n or buf[pos] != _TAB or nd > 18 or (neg and nd == 0):
                 ok = False
                 break
-            ints[s][j, at] = -v if neg else v
-            int_ok[s][j, at] = nd > 0
+            ints[j, at] = -v if neg else v
+            int_ok[j, at] = nd > 0
             pos += 1
             j += 1
         j = 0
         while ok and j < 26:
             sep = _TAB if j < 25 else _LF
             if buf[pos] == sep:
-                cats[s][j, at] = 0
-                cat_ok[s][j, at] = False
+                cats[j, at] = 0
+                cat_ok[j, at] = False
                 pos += 1
                 j += 1
                 continue
@@ -85,16 +85,16 @@ def _parse(buf, has_label, hexval, codes, label, ints, int_ok, cats, cat_ok, bad
                 ok = False
                 break
             v32 = np.uint32(0)
-            for d in range(8):
-                h = hexval[buf[pos + d]]
-                if h == 255:
-                    ok = False
-                    break
-                v32 = (v32 << np.uint32(4)) | np.uint32(h)
-            if not ok:
+            chk = np.uint32(0)
+            for d in range(8):  # branch-free: a non-hex byte maps to 255 and shows in chk
+                h = np.uint32(hexval[buf[pos + d]])
+                chk |= h
+                v32 = (v32 << np.uint32(4)) | (h & np.uint32(15))
+            if chk > 15:
+                ok = False
                 break
-            cats[s][j, at] = v32
-            cat_ok[s][j, at] = True
+            cats[j, at] = v32
+            cat_ok[j, at] = True
             pos += 9
             j += 1
         if ok:
@@ -134,27 +134,26 @@ def count_lines(block: bytes) -> int:
 
 @dataclasses.dataclass
 class _Out:
-    """The kernel's outputs for S splits, each split's arrays sized to its lines (separate
-    arrays, not one (S, ...) array: split sizes differ 8:1:1, and blocks of a few MiB are
-    reused by the allocator instead of page-faulted anew)."""
+    """The kernel's outputs: lines L the last axis, split s owning [start[s], fill[s])."""
 
-    label: tuple[np.ndarray, ...]  # S x (L_s,) int8
-    ints: tuple[np.ndarray, ...]  # S x (13, L_s) int64
-    int_ok: tuple[np.ndarray, ...]  # S x (13, L_s) bool
-    cats: tuple[np.ndarray, ...]  # S x (26, L_s) uint32
-    cat_ok: tuple[np.ndarray, ...]  # S x (26, L_s) bool
+    label: np.ndarray  # (L,) int8
+    ints: np.ndarray  # (13, L) int64
+    int_ok: np.ndarray  # (13, L) bool
+    cats: np.ndarray  # (26, L) uint32
+    cat_ok: np.ndarray  # (26, L) bool
     bad: np.ndarray  # (L,) bool
     starts: np.ndarray  # (L + 1,) int64
-    fill: np.ndarray  # (S,) rows per split
+    start: np.ndarray  # (S,) first position of each split
+    fill: np.ndarray  # (S,) one past each split's last row
 
     def table(self, s: int, has_label: bool) -> pa.Table:
         """Split s's rows: label (when has_label), I1..I13 Int64, C1..C26 UInt32."""
-        n = int(self.fill[s])
-        cols: dict[str, pa.Array] = {"label": pa.array(self.label[s][:n])} if has_label else {}
+        a, b = int(self.start[s]), int(self.fill[s])
+        cols: dict[str, pa.Array] = {"label": pa.array(self.label[a:b])} if has_label else {}
         for j, name in enumerate(CRITEO_INT):
-            cols[name] = _column(self.ints[s][j, :n], self.int_ok[s][j, :n])
+            cols[name] = _column(self.ints[j, a:b], self.int_ok[j, a:b])
         for j, name in enumerate(CRITEO_CAT):
-            cols[name] = _column(self.cats[s][j, :n], self.cat_ok[s][j, :n])
+            cols[name] = _column(self.cats[j, a:b], self.cat_ok[j, a:b])
         return pa.table(cols)
 
 
@@ -163,16 +162,18 @@ def _run(block: bytes, has_label: bool, codes: np.ndarray, splits: int) -> _Out:
         raise ValueError("the Criteo parser takes whole lines, each ending in a newline")
     buf = np.frombuffer(block, dtype=np.uint8)
     lines = len(codes)
-    size = np.bincount(codes, minlength=splits)  # rows per split, at most (bad lines skip)
+    start = np.zeros(splits, np.int64)  # split s's range starts after the lines of splits < s
+    np.cumsum(np.bincount(codes, minlength=splits)[:-1], out=start[1:])
     o = _Out(
-        label=tuple(np.empty(n, np.int8) for n in size),
-        ints=tuple(np.empty((13, n), np.int64) for n in size),
-        int_ok=tuple(np.empty((13, n), np.bool_) for n in size),
-        cats=tuple(np.empty((26, n), np.uint32) for n in size),
-        cat_ok=tuple(np.empty((26, n), np.bool_) for n in size),
+        label=np.empty(lines, np.int8),
+        ints=np.empty((13, lines), np.int64),
+        int_ok=np.empty((13, lines), np.bool_),
+        cats=np.empty((26, lines), np.uint32),
+        cat_ok=np.empty((26, lines), np.bool_),
         bad=np.empty(lines, np.bool_),
         starts=np.empty(lines + 1, np.int64),
-        fill=np.zeros(splits, np.int64),
+        start=start,
+        fill=start.copy(),
     )
     got = _parse(buf, has_label, _HEX, codes, o.label, o.ints, o.int_ok, o.cats, o.cat_ok,
                  o.bad, o.starts, o.fill)  # fmt: skip
