@@ -366,3 +366,18 @@ def test_criteo_routed_in_the_parser_equals_parse_then_route(
             assert [Path(p).name for p in got] == [Path(p).name for p in want]
             for a, b in zip(got, want, strict=True):
                 assert pq.read_table(a).equals(pq.read_table(b)), (name, s, a)
+
+
+def test_convert_hands_frozen_objects_back_to_the_collector(shared_data, tmp_path):
+    import gc
+
+    src = str(shared_data / "criteo" / "dac_sample_8k.txt")
+    convert("criteo", src, tmp_path / "a")
+    assert gc.get_freeze_count() == 0  # what it froze for the run is unfrozen
+    gc.freeze()  # a caller's own freeze (e.g. before forking) is left alone
+    try:
+        frozen = gc.get_freeze_count()
+        convert("criteo", src, tmp_path / "b")
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
