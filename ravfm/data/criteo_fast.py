@@ -147,13 +147,17 @@ class _Out:
     fill: np.ndarray  # (S,) one past each split's last row
 
     def table(self, s: int, has_label: bool) -> pa.Table:
-        """Split s's rows: label (when has_label), I1..I13 Int64, C1..C26 UInt32."""
+        """Split s's rows: label (when has_label), I1..I13 Int64, C1..C26 UInt32. A split
+        holding under half the lines gets copies: a shard writer keeps its rows until a row
+        group fills, which takes a small split dozens of blocks, and views would keep every
+        one of those blocks' whole arrays alive (memory, and fresh pages for each block)."""
         a, b = int(self.start[s]), int(self.fill[s])
-        cols: dict[str, pa.Array] = {"label": pa.array(self.label[a:b])} if has_label else {}
+        own = (lambda x: x.copy()) if 2 * (b - a) < len(self.label) else (lambda x: x)
+        cols: dict[str, pa.Array] = {"label": pa.array(own(self.label[a:b]))} if has_label else {}
         for j, name in enumerate(CRITEO_INT):
-            cols[name] = _column(self.ints[j, a:b], self.int_ok[j, a:b])
+            cols[name] = _column(own(self.ints[j, a:b]), self.int_ok[j, a:b])
         for j, name in enumerate(CRITEO_CAT):
-            cols[name] = _column(self.cats[j, a:b], self.cat_ok[j, a:b])
+            cols[name] = _column(own(self.cats[j, a:b]), self.cat_ok[j, a:b])
         return pa.table(cols)
 
 
