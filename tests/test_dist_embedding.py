@@ -153,3 +153,13 @@ def test_an_empty_batch_looks_up_and_steps_nothing():
     (torch.nan_to_num(out.mean()) * 0.0 + sums.sum() + nsq.sum()).backward()
     g = sparse.sparse_grad()
     assert g.rows.numel() == 0 and g.grad.shape == (0, D)
+
+
+def test_skip_init_makes_zero_tables_only_inside_the_block():
+    from ravfm.dist.rows import skip_init
+
+    with skip_init():
+        quiet = SparseTable("t", N, D, INIT, dtype=torch.float64)
+    drawn = SparseTable("t", N, D, INIT, dtype=torch.float64)
+    assert torch.equal(quiet.weight, torch.zeros(N, D, dtype=torch.float64))
+    assert drawn.weight.abs().sum() > 0  # the init draws again after the block

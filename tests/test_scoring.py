@@ -239,3 +239,34 @@ def test_shards_of_another_dataset_name_the_differing_key(criteo, shared_data):
     with pytest.raises(UserError, match="feature spec mismatch: dataset avazu != criteo"):
         score(str(fm_ckpt), str(avazu), str(tmp / "out-avazu"), keep=[])
     shutil.rmtree(tmp / "out-avazu", ignore_errors=True)
+
+
+@pytest.mark.parametrize("model_name", ["fm", "vfm"])
+def test_load_model_holds_exactly_the_saved_rows(criteo, model_name):
+    """load_model builds its tables without drawing an init (skip_init): every row and dense
+    parameter must still be the saved one, never a zero left from the skipped draw."""
+    from ravfm.train.checkpoint import load_model
+
+    tmp, shards, *_ = criteo
+    ckpt = _checkpoint(tmp / "again", shards, model_name)  # same seed: same model as saved
+    model, _, _ = load_model(ckpt)
+    from ravfm.config import FeatureConfig, ModelConfig, RunConfig
+    from ravfm.dist.world import World
+    from ravfm.train.setup import build_for_training
+
+    cfg = RunConfig(name="x", features=FeatureConfig(hash_bits=12),
+                    model=ModelConfig(name=model_name, k=4, init_std=0.2))  # fmt: skip
+    torch.manual_seed(1)
+    saved, _ = build_for_training(
+        cfg, tmp / "again" / f"spec-{model_name}", World.single("cpu"), n_train=8000, kind="sparse"
+    )
+    with torch.no_grad():
+        for p in saved.parameters():
+            if p.dim() == 0:
+                p.fill_(-1.0)
+    got, want = model.state_dict(), saved.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    ids, rows = model.table.export_rows()
+    assert rows.abs().sum() > 0 and torch.equal(rows, saved.table.export_rows()[1])

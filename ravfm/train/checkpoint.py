@@ -230,15 +230,18 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, d
     """A checkpoint's model in one process for inference: (model in eval mode, spec, manifest).
     All rows of every rank's file are loaded into local tables."""
     from ravfm.config import RunConfig, from_dict
+    from ravfm.dist.rows import skip_init
     from ravfm.dist.world import World
     from ravfm.train.setup import build_for_training
 
     meta = read_manifest(path)
     cfg = from_dict(RunConfig, meta["config"])
     world = World.single(torch.device(device))
-    model, spec = build_for_training(
-        cfg, Path(meta["path"]) / "spec", world, n_train=int(meta.get("n_train", 1)), kind="sparse"
-    )
+    with skip_init():  # every row comes from the checkpoint
+        model, spec = build_for_training(
+            cfg, Path(meta["path"]) / "spec", world, n_train=int(meta.get("n_train", 1)),
+            kind="sparse",
+        )  # fmt: skip
     load_checkpoint(meta["path"], model=model)
     model.eval()
     return model, spec, meta
