@@ -215,6 +215,7 @@ class _PartWriter:
         # One actor per core: its Polars hashing and torch ops get that core's one thread (set
         # before Polars starts its pool in this process), not a pool per core of the machine
         # each, which oversubscribes the cores and spins.
+        self.t_init = time.time()  # when this actor started loading (start-up telemetry)
         os.environ["POLARS_MAX_THREADS"] = str(threads)
         torch.set_num_threads(threads)
         self.scorer = Scorer(checkpoint, keep, device)
@@ -228,6 +229,7 @@ class _PartWriter:
         return {
             "part": list(items["part"]),
             "rows": written,
+            "t_init": [self.t_init] * n,
             "t0": [t0] * n,
             "t1": [time.time()] * n,
         }
@@ -312,7 +314,7 @@ def score(
     from ravfm.ingest import quiet_data_context
     from ravfm.train.checkpoint import read_manifest
 
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     if batch_size < 1 or num_actors < 0:
         raise UserError(
             "--batch-size must be >= 1 and --num-actors >= 0 (0 = sized from the cluster)"
@@ -368,7 +370,11 @@ def score(
         )  # a bug, not the user's
     seconds = time.perf_counter() - t0
     # Steady state: first part started to last part written, without startup and planning.
-    busy = max(float(d["t1"]) for d in done) - min(float(d["t0"]) for d in done)
+    first = min(float(d["t0"]) for d in done)
+    busy = max(float(d["t1"]) for d in done) - first
+    # Start-up: the call's start to the first part's start; of that, the actors' spawning
+    # (Ray worker, imports) before they begin loading the checkpoint, and the loading.
+    spawn = min(float(d["t_init"]) for d in done) - wall0
     vfm = meta["config"]["model"]["name"] == "vfm"
     columns = [*keep, PREDICTION] + ([PREDICTION_STD] if vfm else [])
     summary = {
@@ -381,11 +387,14 @@ def score(
         "parts": len(items),
         "scoring_seconds": round(busy, 3),
         "scoring_rows_per_s": n_in / max(busy, 1e-9),
+        "startup_seconds": round(first - wall0, 3),
+        "startup_until_actor_spawned_seconds": round(spawn, 3),
     }
     print(
         f"ravfm score: {n_in:,} rows -> {output} ({', '.join(columns)}) in {seconds:.1f} s, "
         f"{summary['rows_per_s']:,.0f} rows/s with {actors} actor(s) "
-        f"({summary['scoring_rows_per_s']:,.0f} rows/s once running)",
+        f"({summary['scoring_rows_per_s']:,.0f} rows/s once running, after "
+        f"{first - wall0:.1f} s of start-up)",
         file=sys.stderr,
     )
     return summary
