@@ -22,7 +22,10 @@ from ravfm.data.parse import Reject, pl_schema
 __all__ = ["ShardSet", "RejectLog", "ROW_GROUP_ROWS", "REJECTS_FILE"]
 
 ROW_GROUP_ROWS = 1 << 17
-_QUEUE = 2  # batches waiting per split writer
+# Rows waiting per split writer, in row groups: a writer encodes a whole row group at a time,
+# so the caller must be able to run that far ahead or the two take turns instead of overlapping
+# (a queue of 2 blocks left the train writer idle a third of the time).
+_QUEUE_ROW_GROUPS = 2
 REJECTS_FILE = "rejects.jsonl"
 _COMPAT = pl.CompatLevel.newest()  # string_view: zero-copy from Polars
 
@@ -106,7 +109,7 @@ class ShardSet:
 
     Each split is written by its own thread (pyarrow encodes and compresses without the GIL),
     so the train split's writes overlap the smaller splits' and the caller's parsing; at most
-    _QUEUE batches wait per split, which keeps memory bounded.
+    _QUEUE_ROW_GROUPS row groups of rows wait per split, which keeps memory bounded.
     """
 
     def __init__(
@@ -123,7 +126,8 @@ class ShardSet:
         self.row_group_rows = min(row_group_rows, rows_per_shard)
         self.writers: dict[str, _SplitWriter] = {}
         self._pools: dict[str, ThreadPoolExecutor] = {}
-        self._pending: dict[str, deque[Future]] = {}
+        self._pending: dict[str, deque[tuple[Future, int]]] = {}
+        self._waiting: dict[str, int] = {}  # rows queued per split
 
     def add(self, split: str, rows: pl.DataFrame | pa.Table) -> None:
         """Queue ROWS (in the shard schema's columns) for SPLIT's writer thread."""
@@ -135,20 +139,23 @@ class ShardSet:
                 self.root, split, self.schema, self.rows_per_shard, self.row_group_rows
             )
             self._pools[split] = ThreadPoolExecutor(1, thread_name_prefix=f"ravfm-{split}")
-            self._pending[split] = deque()
+            self._pending[split], self._waiting[split] = deque(), 0
         queue = self._pending[split]
         if isinstance(rows, pl.DataFrame):
             rows = rows.to_arrow(compat_level=_COMPAT)
-        queue.append(self._pools[split].submit(w.add, rows.cast(self.schema)))
-        while len(queue) > _QUEUE:
-            queue.popleft().result()  # a writer's error surfaces here
+        queue.append((self._pools[split].submit(w.add, rows.cast(self.schema)), len(rows)))
+        self._waiting[split] += len(rows)
+        while self._waiting[split] > _QUEUE_ROW_GROUPS * self.row_group_rows:
+            done, n = queue.popleft()
+            done.result()  # a writer's error surfaces here
+            self._waiting[split] -= n
 
     def close(self) -> list[dict[str, Any]]:
         """Finish every split's writes and close its last shard; the shard list, split order."""
         try:
             for queue in self._pending.values():
                 while queue:
-                    queue.popleft().result()
+                    queue.popleft()[0].result()
         finally:
             self._stop()
         shards = []
