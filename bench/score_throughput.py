@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         [[c if c is not None else "-" for c in r] for r in rows],
     )
     md += (
+        f"\n\nStart-up (call to first part started): {s['startup_seconds']:.1f} s, of which "
+        f"{s['startup_until_actor_spawned_seconds']:.1f} s before the actors began loading the "
+        f"checkpoint (Ray Data, worker spawn, imports)."
+    )
+    md += (
         f"\n\nTarget: {TARGET_ROWS_PER_S:,} rows/s with 2 CPUs. End to end "
         f"{s['rows_per_s']:,.0f} ({s['rows_per_s'] / TARGET_ROWS_PER_S:.0%}); once running "
         f"{s['scoring_rows_per_s']:,.0f} ({s['scoring_rows_per_s'] / TARGET_ROWS_PER_S:.0%}). "
@@ -192,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     figures = {
         "rows_per_s": s["rows_per_s"],
         "scoring_rows_per_s": s["scoring_rows_per_s"],
+        "startup_seconds": s["startup_seconds"],
+        "startup_until_actor_spawned_seconds": s["startup_until_actor_spawned_seconds"],
         "rows": s["rows"],
         "seconds": s["seconds"],
         "actors": s["actors"],

@@ -212,12 +212,13 @@ class _PartWriter:
         device: str,
         threads: int = 1,
     ) -> None:
-        # One actor per core: its Polars hashing and torch ops get that core's one thread (set
-        # before Polars starts its pool in this process), not a pool per core of the machine
-        # each, which oversubscribes the cores and spins.
+        # One actor per core: its Parquet decoding, Polars hashing and torch ops get that core's
+        # one thread (set before Polars starts its pool in this process), not a pool per core of
+        # the machine each, which oversubscribes the cores and spins.
         self.t_init = time.time()  # when this actor started loading (start-up telemetry)
         os.environ["POLARS_MAX_THREADS"] = str(threads)
         torch.set_num_threads(threads)
+        pa.set_cpu_count(threads)  # Arrow's decode pool too
         self.scorer = Scorer(checkpoint, keep, device)
         self.columns, self.output, self.batch_size = columns, output, batch_size
 
