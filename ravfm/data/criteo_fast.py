@@ -7,6 +7,10 @@ any other line (CRLF, "+5", a 19-digit count, a short row, bad bytes, ...) is fl
 handed, alone, to the Polars path, which accepts it or rejects it with its reason. So the
 output, rejects included, equals the Polars path's on every input
 (tests/test_convert_fast.py), at about a tenth of the CPU time.
+
+`parse_routed` also routes each line to its train/valid/test split in the same pass (split
+codes given per line), so convert hands each split's rows straight to its shard writer; a
+block with any non-canonical line is declined and goes through `split_canonical` + routing.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ for _i, _c in enumerate(b"ABCDEF"):
 def _parse(buf, has_label, hexval, codes, label, ints, int_ok, cats, cat_ok, bad, starts, fill):  # fmt: skip
     """Parse every line of buf (whole lines, each ending in LF) and route it: line r goes to
     split s = codes[r], at that split's next free position fill[s] (lines the last axis of
-    every output; each split owns a contiguous range of it)
+    every output; each split owns a contiguous range of it).
     bad[r] = 1 where line r is not canonical; such a line takes no position.
     starts: (lines + 1,) byte offset of each line, and len(buf) last."""
     n = buf.shape[0]
