@@ -126,17 +126,6 @@ def _with_row_ids(shards: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from ravfm.driver import init_ray
-
-    init_ray(None)
-    yield
-    ray.shutdown()
-
-
 def _read_in_name_order(out: Path) -> pa.Table:
     files = sorted(out.glob("*.parquet"))
     assert files
@@ -163,7 +152,7 @@ def _expected(checkpoint: Path, shards: Path) -> tuple[np.ndarray, np.ndarray | 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["fm", "vfm"])
-def test_score_writes_one_row_per_input_row_in_order(criteo, local_ray, model_name):
+def test_score_writes_one_row_per_input_row_in_order(criteo, ray_local, model_name):
     from ravfm.scoring import score
 
     tmp, shards, fm_ckpt, vfm_ckpt = criteo
@@ -187,7 +176,7 @@ def test_score_writes_one_row_per_input_row_in_order(criteo, local_ray, model_na
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["shards", "raw"])
-def test_score_reads_shard_directories_and_raw_files(criteo, local_ray, shared_data, source):
+def test_score_reads_shard_directories_and_raw_files(criteo, ray_local, shared_data, source):
     from ravfm.scoring import score
 
     tmp, shards, fm_ckpt, _ = criteo

@@ -129,9 +129,14 @@ class _Router:
         self.shards, self.rule = shards, rule
         self.rows = {s: 0 for s in SPLITS}
 
+    def _one_split(self, fixed: str | None) -> str | None:
+        """The split every row of a part goes to (its fixed split, or the rule's "all"), or
+        None when rows are split by the hash of their row number."""
+        return fixed or (self.rule["split"] if self.rule["kind"] == "all" else None)
+
     def codes(self, row_base: int, lines: int, fixed: str | None) -> np.ndarray:
         """(lines,) int8 split code (index in SPLITS) of each line of a block."""
-        split = fixed or (self.rule["split"] if self.rule["kind"] == "all" else None)
+        split = self._one_split(fixed)
         if split is not None:
             return np.full(lines, SPLITS.index(split), np.int8)
         rows = np.arange(row_base, row_base + lines, dtype=np.int64)
@@ -150,7 +155,7 @@ class _Router:
         # The source row number travels with the row: a restarted training run skips exactly
         # the rows its last checkpoint had trained (see ravfm.train.worker).
         p.df = p.df.with_columns(pl.Series(ROW_COLUMN, p.index + row_base, dtype=pl.Int64))
-        split = fixed or (self.rule["split"] if self.rule["kind"] == "all" else None)
+        split = self._one_split(fixed)
         if split is not None:
             self.shards.add(split, p.df)
             self.rows[split] += len(p.df)
@@ -329,12 +334,12 @@ def _run(
                 if by_split is None:
                     p = parser.parse(block, file=file, first_line=line_no, variant=chosen)
                     rejects.add(sorted(p.rejects, key=lambda r: r.line))
+                    job = (router, p, row_base, fixed)
+                else:
+                    job = (router.add_routed, by_split, codes, row_base)
                 if pending is not None:
                     pending.result()
-                if by_split is None:
-                    pending = pool.submit(router, p, row_base, fixed)
-                else:
-                    pending = pool.submit(router.add_routed, by_split, codes, row_base)
+                pending = pool.submit(*job)
                 lines += n
                 row_base += n
                 line_no += n
