@@ -79,7 +79,8 @@ def _per_core(shards: Path, ckpt: Path, batch: int = 65536) -> dict[str, float]:
 
     from ravfm.data.index import split_paths
     from ravfm.features.transform import transform
-    from ravfm.scoring import Scorer, _columns
+    from ravfm.scorer import Scorer
+    from ravfm.scoring import _columns
 
     torch.set_num_threads(1)
     scorer = Scorer(str(ckpt))

@@ -8,8 +8,8 @@ row, in input order, by construction: no shuffle or merge can reorder them. Outp
 kept ones, `prediction` (click probability for binary tasks, the rating for regression) and,
 for VFM, `prediction_std`.
 
-FM checkpoints score through a fused path (two embedding bags, no (B, F, K) tensor) that equals
-FM.predict; its slow twin is the FM definition in tests/test_scoring.py.
+The model side (checkpoint loading, the fused FM path, predictions per batch) is in
+`ravfm.scorer`.
 """
 
 from __future__ import annotations
@@ -25,100 +25,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F  # noqa: N812 (the torch idiom)
-from torch import Tensor
 
 from ravfm.errors import UserError
+from ravfm.scorer import PREDICTION, PREDICTION_STD, FusedFM, Scorer
 
 __all__ = ["score", "Scorer", "FusedFM", "resolve_input", "PREDICTION", "PREDICTION_STD"]
-
-PREDICTION = "prediction"
-PREDICTION_STD = "prediction_std"
-
-
-class FusedFM:
-    """FM inference as embedding bags (Rendle 2010, eq. 5 in its O(F K) form).
-
-    With rows [w_i, v_i] and x the values: sum_i x_i [w_i, v_i] is one weighted bag (B, K+1),
-    and sum_i x_i^2 |v_i|^2 another over the precomputed row norms (N, 1), so
-    y = w0 + sum_i x_i w_i + (|sum_i x_i v_i|^2 - sum_i x_i^2 |v_i|^2) / 2.
-    The rows are stored as [w_i, v_i, |v_i|^2] (N, K+2): when every x is 0 or 1 (one-hot
-    fields, Criteo, Avazu) x^2 = x and a single bag gives all three sums.
-    """
-
-    def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        sq = weight[:, 1:].pow(2).sum(1, keepdim=True)  # (N, 1)
-        self.rows = torch.cat([weight, sq], 1).contiguous()  # (N, K+2)
-        self.sq = sq.contiguous()  # (N, 1), for values other than 0 and 1
-        self.bias = bias.reshape(())
-
-    @classmethod
-    def from_model(cls, model: Any) -> FusedFM | None:
-        """A FusedFM holding the model's rows, or None when `model` is not a plain FM."""
-        from ravfm.model.fm import FM
-
-        if type(model) is not FM:
-            return None
-        ids, rows = model.table.export_rows()
-        weight = torch.zeros(
-            model.table.num_rows, rows.shape[1], dtype=torch.float32, device=rows.device
-        )
-        weight.index_copy_(0, ids.to(rows.device), rows.float())
-        return cls(weight, model.bias.detach().float())
-
-    @torch.no_grad()
-    def __call__(self, ids: Tensor, values: Tensor) -> Tensor:
-        """ids (B, F) int64, values (B, F) float32 -> raw (B,)."""
-        x = values.to(self.rows.dtype)
-        s = F.embedding_bag(ids, self.rows, per_sample_weights=x, mode="sum")  # (B, K+2)
-        if bool(((x == 0) | (x == 1)).all()):
-            q = s[:, -1]  # sum x |v|^2 = sum x^2 |v|^2
-        else:
-            q = F.embedding_bag(ids, self.sq, per_sample_weights=x * x, mode="sum")[:, 0]
-        v = s[:, 1:-1]
-        return self.bias + s[:, 0] + 0.5 * (v.pow(2).sum(1) - q)
-
-
-class Scorer:
-    """One actor's model: Arrow batch (B rows) -> Arrow table (B rows) of kept columns and
-    predictions. Loads the checkpoint once, in the constructor."""
-
-    def __init__(self, checkpoint: str, keep: tuple[str, ...] = (), device: str = "cpu") -> None:
-        from ravfm.train.checkpoint import load_model
-
-        self.model, self.spec, meta = load_model(checkpoint, device=device)
-        self.device, self.keep = torch.device(device), tuple(keep)
-        self.task = meta["task"]
-        self.vfm = meta["config"]["model"]["name"] == "vfm"
-        self.fused = FusedFM.from_model(self.model)
-
-    @torch.no_grad()
-    def predict(self, ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor | None]:
-        """ids (B, F), values (B, F) -> (prediction (B,), std (B,) for VFM else None)."""
-        ids, values = ids.to(self.device), values.to(self.device)
-        std = None
-        if self.vfm:
-            raw, std = self.model.predict(ids, values, return_std=True)
-        elif self.fused is not None:
-            raw = self.fused(ids, values)
-        else:
-            raw = self.model.predict(ids, values)
-        if self.task == "binary":
-            raw = torch.sigmoid(raw)
-            if std is not None:  # delta method: the std of sigmoid(z) ~ p (1 - p) std(z)
-                std = raw * (1 - raw) * std
-        return raw.float().cpu(), None if std is None else std.float().cpu()
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        from ravfm.features.transform import transform
-
-        out = transform(table, self.spec)
-        pred, std = self.predict(torch.from_numpy(out["ids"]), torch.from_numpy(out["values"]))
-        cols = {c: table.column(c) for c in self.keep}
-        cols[PREDICTION] = pa.array(pred.numpy())
-        if std is not None:
-            cols[PREDICTION_STD] = pa.array(std.numpy())
-        return pa.table(cols)
 
 
 def _fs(path: str) -> tuple[Any, str]:

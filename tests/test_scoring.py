@@ -15,7 +15,7 @@ import torch
 
 from ravfm.errors import UserError
 from ravfm.model.fm import FM
-from ravfm.scoring import PREDICTION, PREDICTION_STD, FusedFM
+from ravfm.scorer import PREDICTION, PREDICTION_STD, FusedFM
 
 
 def _fm_by_definition(
