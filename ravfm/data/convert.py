@@ -2,9 +2,11 @@
 
 Pipeline: a reader thread opens each source file (decompressing as a stream) and cuts it into
 blocks of whole lines; the main thread parses each block with its format's explicit schema
-(bad lines go to `_rejects/rejects.jsonl` with file, line number, reason and raw text); a writer
-thread routes rows to train/valid/test and appends them to zstd Parquet shards. Peak memory is
-a few blocks plus one row group per split, whatever the input size.
+(bad lines go to `_rejects/rejects.jsonl` with file, line number, reason and raw text; the
+Criteo parser also splits canonical blocks itself); a router thread sends rows to
+train/valid/test (ravfm.data.route), whose writer threads append them to zstd Parquet shards.
+Peak memory is a few blocks plus about three row groups per split (one filling, two queued),
+whatever the input size.
 
 Output is built in a temporary directory beside OUT and renamed into place at the end, so a
 failed or interrupted conversion leaves OUT as it was. Re-converting into an OUT that already
@@ -29,10 +31,6 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
-import polars as pl
-import pyarrow as pa
-
 import ravfm
 from ravfm.data.criteo_fast import count_lines
 from ravfm.data.formats import FORMATS, LineFormat
@@ -44,9 +42,9 @@ from ravfm.data.index import (
     write_index,
 )
 from ravfm.data.libsvm import LibSVM
-from ravfm.data.movielens import STANDARD_SPLITS, MovieLens
+from ravfm.data.movielens import MovieLens
 from ravfm.data.outdir import out_state, summarize, summary_line, swap_into
-from ravfm.data.parse import Parsed
+from ravfm.data.route import Router, split_rule
 from ravfm.data.schemas import ROW_COLUMN, SCHEMA_REVISION
 from ravfm.data.shards import ROW_GROUP_ROWS, RejectLog, ShardSet
 from ravfm.data.sources import (
@@ -57,40 +55,12 @@ from ravfm.data.sources import (
     prefetch,
     resolve,
 )
-from ravfm.data.split import HASH_RULE, hash_split, split_thresholds
 from ravfm.errors import UserError
 
 __all__ = ["convert", "FORMAT_NAMES"]
 
 FORMAT_NAMES = ("criteo", "avazu", "movielens", "libsvm")
 _EARLY_LINES = 10_000  # after this many lines, stop at once if more than half were rejected
-
-
-def _split_rule(fmt: str, split: str, ratios: tuple[float, ...], seed: int) -> dict[str, Any]:
-    if split == "hash":
-        try:
-            split_thresholds(ratios)
-        except ValueError as e:
-            raise UserError(f"--split-ratios: {e}") from None
-        return {
-            "kind": "hash",
-            "seed": seed,
-            "ratios": [float(r) for r in ratios],
-            "rule": HASH_RULE,
-        }
-    if split in SPLITS:
-        return {"kind": "all", "split": split}
-    if split in STANDARD_SPLITS and fmt == "movielens":
-        return {
-            "kind": "standard",
-            "name": split,
-            "train": f"{split}.base",
-            "test": f"{split}.test",
-        }
-    raise UserError(
-        f"--split {split!r} is not valid for {fmt}; use hash, train, valid or test"
-        + (" (or u1..u5, ua, ub for MovieLens 100K)" if fmt == "movielens" else "")
-    )
 
 
 def _blocks(
@@ -120,58 +90,6 @@ def _line_parts(files: list) -> Iterator[tuple[str, IO[bytes], str | None]]:
 
 def _with_row(columns: dict[str, str]) -> dict[str, str]:
     return {**columns, ROW_COLUMN: "Int64"}
-
-
-class _Router:
-    """Writer-thread side: assigns each parsed row its split and appends it to the shards."""
-
-    def __init__(self, shards: ShardSet, rule: dict[str, Any]) -> None:
-        self.shards, self.rule = shards, rule
-        self.rows = {s: 0 for s in SPLITS}
-
-    def _one_split(self, fixed: str | None) -> str | None:
-        """The split every row of a part goes to (its fixed split, or the rule's "all"), or
-        None when rows are split by the hash of their row number."""
-        return fixed or (self.rule["split"] if self.rule["kind"] == "all" else None)
-
-    def codes(self, row_base: int, lines: int, fixed: str | None) -> np.ndarray:
-        """(lines,) int8 split code (index in SPLITS) of each line of a block."""
-        split = self._one_split(fixed)
-        if split is not None:
-            return np.full(lines, SPLITS.index(split), np.int8)
-        rows = np.arange(row_base, row_base + lines, dtype=np.int64)
-        return hash_split(rows, self.rule["seed"], self.rule["ratios"])
-
-    def add_routed(self, parts: list[pa.Table], codes: np.ndarray, row_base: int) -> None:
-        """Append a block the format parsed and routed itself: parts[k] holds, in line order,
-        the rows of the lines with code k (every line parsed)."""
-        for k, t in enumerate(parts):
-            if t.num_rows:
-                rows = np.flatnonzero(codes == k) + row_base
-                self.shards.add(SPLITS[k], t.append_column(ROW_COLUMN, pa.array(rows)))
-                self.rows[SPLITS[k]] += t.num_rows
-
-    def __call__(self, p: Parsed, row_base: int, fixed: str | None) -> None:
-        # The source row number travels with the row: a restarted training run skips exactly
-        # the rows its last checkpoint had trained (see ravfm.train.worker).
-        p.df = p.df.with_columns(pl.Series(ROW_COLUMN, p.index + row_base, dtype=pl.Int64))
-        split = self._one_split(fixed)
-        if split is not None:
-            self.shards.add(split, p.df)
-            self.rows[split] += len(p.df)
-            return
-        codes = hash_split(p.index + row_base, self.rule["seed"], self.rule["ratios"])
-        df = p.df
-        for k, name in enumerate(SPLITS):  # peel off one split at a time: fewer rows to scan
-            if k < len(SPLITS) - 1:
-                mask = codes == k
-                part, df = df.filter(pl.Series(mask)), df.filter(pl.Series(~mask))
-                codes = codes[~mask]
-            else:
-                part = df
-            if len(part):
-                self.shards.add(name, part)
-                self.rows[name] += len(part)
 
 
 @contextlib.contextmanager
@@ -223,7 +141,7 @@ def convert(
     if "://" in str(out) and not str(out).startswith("file://"):
         raise UserError(f"--out {out}: write shards to a local directory, then upload it")
     out = Path(str(out).removeprefix("file://")).absolute()
-    rule = _split_rule(fmt, split, tuple(split_ratios), seed)
+    rule = split_rule(fmt, split, tuple(split_ratios), seed)
     files = resolve(src, dirs=fmt == "movielens")
     if fmt == "movielens":
         ml = MovieLens(files[0], variant)
@@ -299,7 +217,7 @@ def _run(
 ) -> dict[str, Any]:
     rejects = RejectLog(tmp)
     shards: ShardSet | None = None
-    router: _Router | None = None
+    router: Router | None = None
     chosen: str | None = None
     lines = row_base = 0
     line_no = 1
@@ -320,7 +238,7 @@ def _run(
                     chosen = v
                     if shards is None:
                         shards = ShardSet(tmp, _with_row(parser.columns(v)), rows_per_shard)
-                        router = _Router(shards, rule)
+                        router = Router(shards, rule)
                     for _ in range(skip):
                         cut = block.find(b"\n") + 1
                         block, line_no = block[cut:], line_no + 1
