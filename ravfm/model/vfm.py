@@ -19,6 +19,14 @@ Var f as in `predict`). Rows start with log-variance `init_logvar`: far below th
 (e.g. -10 with priors near 0) the prior variances collapse onto the tiny posterior ones and
 prune the factors, so start near log(init_std^2).
 
+The prior's variance is per field and per factor (automatic relevance determination), so the
+ELBO also switches factors off: a factor whose prior variance shrinks has its posteriors pulled
+onto the prior. On MovieLens 100K (u1, k=10) with the noise variance learned (about 0.80), half
+of the ten factors ended with mean mu^2 below 1e-3 and test RMSE was 0.928; the same model
+without `learn_noise` (the MSE objective, i.e. a fixed noise variance of 1/2) and k=32 keeps
+more factors alive and reaches 0.915. A single prior variance per field (no per-factor ARD)
+did worse still (0.946).
+
 KL weighting. The per-example ELBO is (1/N_train) [sum_n E_q log p(y_n) - KL(q || p)]. A row i
 that occurs c_i times in train adds lambda * KL_i / c_i per occurrence, averaged over the batch;
 summed over an epoch (each example once) this is exactly sum_i lambda * KL_i, so the batch loss is
