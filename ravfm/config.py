@@ -103,6 +103,16 @@ class VFMConfig:
     init_logvar: float = -10.0
     train_samples: int = 1  # reparameterised samples per training step
     learn_noise: bool = False  # regression: learn the observation-noise variance (Gaussian NLL)
+    # q is a uniform mixture of this many independently fitted mean-field Gaussians (one table
+    # row holds all of them: M times the memory and compute of one)
+    components: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.train_samples >= 0, "model.vfm.train_samples must be >= 0 (0 = exact)")
+        _check(
+            self.components >= 1,
+            f"model.vfm.components={self.components} must be >= 1 (1 = one Gaussian posterior)",
+        )
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ def test_resolved_config_round_trips_through_dict():
         (["model.name=gbdt"], "model.name='gbdt' is not one of fm, vfm, rafm"),
         (["model.rafm.ranks=[8,2]", "model.rafm.thresholds=[1]"], "strictly increasing"),
         (["model.rafm.ranks=[2,4,8]"], "thresholds needs 2 value(s)"),
+        (["model.vfm.components=0"], "model.vfm.components=0 must be >= 1"),
         (["embedding.sharding=cols"], "embedding.sharding='cols'"),
         (["epochs=3"], "unknown config key epochs"),
         (["train"], "must look like section.key=value"),

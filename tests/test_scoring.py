@@ -59,8 +59,10 @@ def test_fused_fm_is_only_used_for_plain_fm():
 # ---- end to end on a checkpoint of the real Criteo sample ----------------------------------
 
 
-def _checkpoint(tmp: Path, shards: Path, model_name: str, task: str = "binary") -> Path:
-    from ravfm.config import FeatureConfig, ModelConfig, RunConfig, to_dict
+def _checkpoint(
+    tmp: Path, shards: Path, model_name: str, task: str = "binary", components: int = 1
+) -> Path:
+    from ravfm.config import FeatureConfig, ModelConfig, RunConfig, VFMConfig, to_dict
     from ravfm.data.index import read_index
     from ravfm.dist.world import World
     from ravfm.features.spec import build_spec
@@ -73,13 +75,13 @@ def _checkpoint(tmp: Path, shards: Path, model_name: str, task: str = "binary") 
     cfg = RunConfig(
         name=f"t_{model_name}",
         features=feats,
-        model=ModelConfig(name=model_name, k=4, init_std=0.2),
+        model=ModelConfig(name=model_name, k=4, init_std=0.2, vfm=VFMConfig(components=components)),
     )
     torch.manual_seed(1)
     model, _ = build_for_training(cfg, spec_dir, World.single("cpu"), n_train=8000, kind="sparse")
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 0:
+            if p.numel() == 1:
                 p.fill_(-1.0)
     root = tmp / f"ckpt-{model_name}"
     save_checkpoint(
@@ -251,7 +253,7 @@ def test_load_model_holds_exactly_the_saved_rows(criteo, model_name):
     )
     with torch.no_grad():
         for p in saved.parameters():
-            if p.dim() == 0:
+            if p.numel() == 1:
                 p.fill_(-1.0)
     got, want = model.state_dict(), saved.state_dict()
     assert got.keys() == want.keys()
@@ -259,3 +261,26 @@ def test_load_model_holds_exactly_the_saved_rows(criteo, model_name):
         assert torch.equal(got[k], want[k]), k
     ids, rows = model.table.export_rows()
     assert rows.abs().sum() > 0 and torch.equal(rows, saved.table.export_rows()[1])
+
+
+def test_vfm_mixture_checkpoint_loads_and_refuses_a_one_component_model(criteo):
+    from ravfm.config import FeatureConfig, ModelConfig, RunConfig
+    from ravfm.dist.world import World
+    from ravfm.scorer import Scorer
+    from ravfm.train.checkpoint import load_checkpoint, load_model
+    from ravfm.train.setup import build_for_training
+
+    tmp, shards, *_ = criteo
+    ckpt = _checkpoint(tmp / "mixture", shards, "vfm", components=3)
+    model, _, _ = load_model(ckpt)
+    assert model.components == 3 and model.table.dim == 3 * (2 * 4 + 2)
+    table = pq.read_table(shards).slice(0, 64)
+    out = Scorer(str(ckpt))(table)
+    assert out.num_rows == 64 and np.all(out[PREDICTION_STD].to_numpy() > 0)
+    cfg = RunConfig(name="x", features=FeatureConfig(hash_bits=12),
+                    model=ModelConfig(name="vfm", k=4))  # fmt: skip
+    one, _ = build_for_training(
+        cfg, tmp / "mixture" / "spec-vfm", World.single("cpu"), n_train=8000, kind="sparse"
+    )
+    with pytest.raises(UserError, match=r"does not fit this model \(bias_logvar has shape \(3,\)"):
+        load_checkpoint(ckpt, model=one)

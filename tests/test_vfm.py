@@ -60,7 +60,7 @@ def test_zero_posterior_variance_vfm_is_fm_on_the_means():
     fm = FM(N, K, make_table=plain_tables(torch.float64)).double()
     with torch.no_grad():
         fm.table.weight.copy_(vfm.table.weight[:, : K + 1])
-        fm.bias.copy_(vfm.bias_mu)
+        fm.bias.copy_(vfm.bias_mu[0])
     vfm.train()
     sampled = vfm(batch.ids, batch.values)
     expected = fm(batch.ids, batch.values)
@@ -101,7 +101,9 @@ def test_batch_kl_summed_over_an_epoch_is_the_full_kl():
     for col in range(data.ids.shape[1]):  # field-disjoint ids: each row has one group
         g = FIELDS[col]
         for r in data.ids[:, col].unique():
-            kl = gaussian_kl(w[r, : K + 1], w[r, K + 1 :], vfm.prior_mu[g], vfm.prior_logvar[g])
+            kl = gaussian_kl(
+                w[r, : K + 1], w[r, K + 1 :], vfm.prior_mu[0, g], vfm.prior_logvar[0, g]
+            )
             full += 0.7 * kl[0] + 1.3 * kl[1:].sum()
     # rtol: the 1/c_i weights are stored in float32
     torch.testing.assert_close(epoch.detach(), full.detach(), rtol=1e-6, atol=0)
@@ -230,8 +232,8 @@ def test_rows_unseen_in_train_answer_with_their_field_prior_in_eval():
     vfm = _vfm(frequencies=counts)
     ref = _vfm(frequencies=None)  # the same weights, every row taken as seen
     with torch.no_grad():
-        ref.table.weight[cold, : K + 1] = vfm.prior_mu[FIELDS[1]]
-        ref.table.weight[cold, K + 1 :] = vfm.prior_logvar[FIELDS[1]]
+        ref.table.weight[cold, : K + 1] = vfm.prior_mu[0, FIELDS[1]]
+        ref.table.weight[cold, K + 1 :] = vfm.prior_logvar[0, FIELDS[1]]
     for a, b in zip(
         vfm.predict(batch.ids, batch.values, True), ref.predict(batch.ids, batch.values, True)
     ):
@@ -242,3 +244,100 @@ def test_rows_unseen_in_train_answer_with_their_field_prior_in_eval():
     ours = vfm(batch.ids, batch.values)
     torch.manual_seed(0)
     torch.testing.assert_close(ours, plain(batch.ids, batch.values))
+
+
+M = 3  # mixture components
+
+
+def _mixture(seed: int = 0, **kw) -> VFM:
+    torch.manual_seed(seed)
+    model = VFM(N, K, FIELDS, n_train=1000, make_table=plain_tables(torch.float64),
+                components=M, **kw).double()  # fmt: skip
+    with torch.no_grad():
+        w = model.table.weight.view(N, M, 2 * K + 2)
+        w[..., : K + 1].normal_(0, 0.5)
+        w[..., K + 1 :].uniform_(-2.0, -0.5)
+        model.bias_mu.normal_(0.3, 0.2)
+        model.bias_logvar.uniform_(-4.0, -2.0)
+        model.prior_mu.normal_(0, 0.2)
+        model.prior_logvar.uniform_(-1, 0)
+        if model.noise_logvar is not None:
+            model.noise_logvar.uniform_(-1, 0)
+    return model
+
+
+def _component(mix: VFM, m: int, **kw) -> VFM:
+    """Component m of a mixture as a one-component VFM (the slow twin: fitted on its own)."""
+    one = VFM(N, K, FIELDS, n_train=1000, make_table=plain_tables(torch.float64), **kw).double()
+    block = slice(m * (2 * K + 2), (m + 1) * (2 * K + 2))
+    with torch.no_grad():
+        one.table.weight.copy_(mix.table.weight[:, block])
+        for name in ("bias_mu", "bias_logvar", "prior_mu", "prior_logvar", "noise_logvar"):
+            if getattr(one, name) is not None:
+                getattr(one, name).copy_(getattr(mix, name)[m : m + 1])
+    return one
+
+
+@pytest.mark.parametrize("kw", [{}, {"learn_noise": True}])
+def test_mixture_loss_is_the_sum_of_its_components_fitted_alone(kw):
+    mix, batch = _mixture(train_samples=0, **kw), _batch()
+    parts = [_component(mix, m, train_samples=0, **kw) for m in range(M)]
+    for training in (True, False):
+        for model in (mix, *parts):
+            model.train(training)
+        loss, raw = mix.loss(batch, "regression")
+        outs = [p.loss(batch, "regression") for p in parts]
+        torch.testing.assert_close(loss, sum(o[0] for o in outs))
+        torch.testing.assert_close(raw, torch.stack([o[1] for o in outs]).mean(0))
+    binary = Batch(batch.ids, batch.values, (batch.label > 3).double())
+    mix.eval()
+    torch.testing.assert_close(
+        mix.loss(binary, "binary")[0], sum(p.eval().loss(binary, "binary")[0] for p in parts)
+    )
+
+
+def test_mixture_gradients_stay_in_each_components_block():
+    mix, batch = _mixture(train_samples=0), _batch()
+    mix.train()
+    mix.loss(batch, "regression")[0].backward()
+    part = _component(mix, 1, train_samples=0).train()
+    part.loss(batch, "regression")[0].backward()
+    block = slice(2 * K + 2, 2 * (2 * K + 2))
+    torch.testing.assert_close(mix.table.weight.grad[:, block], part.table.weight.grad)
+    torch.testing.assert_close(mix.prior_mu.grad[1:2], part.prior_mu.grad)
+    torch.testing.assert_close(mix.bias_mu.grad[1:2], part.bias_mu.grad)
+
+
+def test_mixture_predictive_mean_and_std_match_a_large_monte_carlo():
+    mix, batch = _mixture(), _batch(b=5)
+    mean, std = mix.predict(batch.ids, batch.values, return_std=True)
+    g = torch.Generator().manual_seed(2)
+    s = 300_000
+    comp = torch.randint(0, M, (s,), generator=g)  # which component each draw comes from
+    w = mix.table.weight.detach().view(N, M, 2 * K + 2)[batch.ids]  # (B, F, M, 2K+2)
+    rows = w.permute(2, 0, 1, 3)[comp]  # (S, B, F, 2K+2)
+    theta = rows[..., : K + 1] + (0.5 * rows[..., K + 1 :]).exp() * torch.randn(
+        rows[..., : K + 1].shape, generator=g, dtype=torch.float64
+    )
+    x = batch.values
+    y = (theta[..., 0] * x).sum(-1)
+    for i in range(x.shape[1]):  # the definition: pairs i<j only
+        for j in range(i + 1, x.shape[1]):
+            y += (theta[..., i, 1:] * theta[..., j, 1:]).sum(-1) * x[:, i] * x[:, j]
+    bias_sd = (0.5 * mix.bias_logvar.detach()).exp()[comp].unsqueeze(1)
+    y += mix.bias_mu.detach()[comp].unsqueeze(1)
+    y += bias_sd * torch.randn(s, 1, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(mean, y.mean(0), rtol=0, atol=4 * float(std.max()) / s**0.5)
+    torch.testing.assert_close(std, y.std(0), rtol=0.015, atol=0)
+    means = torch.stack([_component(mix, m).predict(batch.ids, batch.values) for m in range(M)])
+    assert torch.all(std > means.std(0, correction=0)), "the spread of the components counts"
+
+
+def test_mixture_table_holds_every_component_and_counts_its_parameters():
+    mix = VFM(N, K, FIELDS, n_train=10, components=M)
+    assert mix.table.dim == M * (2 * K + 2)
+    assert mix.num_params() == N * M * (2 * K + 2) + 2 * M + 2 * M * len(FIELDS) * (K + 1)
+    blocks = mix.table.weight.detach().view(N, M, 2 * K + 2)
+    assert not torch.equal(blocks[:, 0, 1 : K + 1], blocks[:, 1, 1 : K + 1]), "distinct starts"
+    with pytest.raises(ValueError, match="components=0"):
+        VFM(N, K, FIELDS, n_train=10, components=0)

@@ -75,13 +75,13 @@ def plain_tables(dtype: torch.dtype = torch.float32) -> TableFactory:
 
 
 def pairwise(u: Tensor) -> Tensor:
-    """Sum over i<j of <u_i, u_j> (Rendle 2010, eq. 5), u = x_i v_i: (B, F, K) -> (B,)."""
-    return pairwise_from_sums(u.sum(dim=1), (u * u).sum(dim=(1, 2)))
+    """Sum over i<j of <u_i, u_j> (Rendle 2010, eq. 5), u = x_i v_i: (..., B, F, K) -> (..., B)."""
+    return pairwise_from_sums(u.sum(dim=-2), (u * u).sum(dim=(-2, -1)))
 
 
 def pairwise_from_sums(s: Tensor, q: Tensor) -> Tensor:
-    """The square-of-sum identity: s = sum_i u_i (B, K), q = sum_i |u_i|^2 (B,) -> (B,)."""
-    return 0.5 * ((s * s).sum(dim=1) - q)
+    """The square-of-sum identity: s = sum_i u_i (..., K), q = sum_i |u_i|^2 (...) -> (...)."""
+    return 0.5 * ((s * s).sum(dim=-1) - q)
 
 
 def is_table(module: nn.Module) -> bool:

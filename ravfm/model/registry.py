@@ -61,6 +61,7 @@ def build_model(
             lambda_latent=v.lambda_latent,
             train_samples=v.train_samples,
             learn_noise=v.learn_noise,
+            components=v.components,
             **common,
         )
     if cfg.name == "rafm":

@@ -200,6 +200,14 @@ def load_checkpoint(
             f"checkpoint {ckpt} does not fit this model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); train with the checkpoint's config"
         )
+    own = dense_state(model)
+    for name, t in sorted(dense.items()):
+        if t.shape != own[name].shape:
+            raise UserError(
+                f"checkpoint {ckpt} does not fit this model ({name} has shape "
+                f"{tuple(t.shape)}, the model's is {tuple(own[name].shape)}; written by another "
+                "config or an older ravfm); train with the checkpoint's config"
+            )
     model.load_state_dict(dense, strict=False)
     tables = table_modules(model)
     for f in sorted(ckpt.glob("rows-*.safetensors")):
@@ -210,7 +218,13 @@ def load_checkpoint(
                     f"checkpoint {ckpt} has no rows for table {name}; train with the "
                     "checkpoint's model config"
                 )
-            table.import_rows(rows[f"{name}/ids"], rows[f"{name}/weight"])
+            weight = rows[f"{name}/weight"]
+            if weight.shape[1] != table.dim:
+                raise UserError(
+                    f"checkpoint {ckpt} has rows of width {weight.shape[1]} for table {name}, "
+                    f"this model's are {table.dim} wide; train with the checkpoint's config"
+                )
+            table.import_rows(rows[f"{name}/ids"], weight)
         if sparse_opt is not None:
             state = {k[len("optim/") :]: v for k, v in rows.items() if k.startswith("optim/")}
             sparse_opt.import_state(state)
