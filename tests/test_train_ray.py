@@ -105,3 +105,18 @@ def test_killed_worker_restarts_from_checkpoint_and_sees_every_sample(
     (restart,) = summary["restarts"]
     assert restart["from_step"] == 6
     assert restart["repeated_samples_at_most"] <= 3 * 256 * 2  # the checkpoint interval
+
+
+def test_vfm_mixture_trains_row_sharded_on_two_workers(ray_local, tmp_path, shared_data):
+    """A three-component VFM (rows three blocks wide) through the sharded trainer; one process
+    holding every row gives the same test metrics."""
+    from ravfm.driver import evaluate, train
+
+    cfg = _cfg(tmp_path, shared_data, "mix", "model.name=vfm", "model.init_std=0.05",
+               "model.vfm.init_logvar=-6", "model.vfm.components=3")  # fmt: skip
+    summary = train(cfg)
+    test = summary["test"]
+    assert summary["world_size"] == 2 and 0.6 < test["auc"] <= 1.0
+    ckpt = sorted((tmp_path / "runs" / "mix" / "checkpoints").glob("step-*"))[-1]
+    one = evaluate(str(ckpt), split="test", shards=str(tmp_path / "shards"))
+    assert one["auc"] == pytest.approx(test["auc"], abs=1e-6)
