@@ -36,7 +36,7 @@ Predictions average the components' means; the predictive variance is the mixtur
 the component variances plus the variance of their means). One mean-field Gaussian settles in
 one mode, and different starts settle in different ones (on ML-100K u1 five starts gave RMSE
 0.914 to 0.920); averaging several is a cheap approximation to averaging over the posterior, as
-MCMC does with its samples. ML-100K five folds: one Gaussian 0.9049, five 0.9019 at about 3.6
+MCMC does with its samples. ML-100K five folds: one Gaussian 0.9049, five 0.9019 at about 3.0
 times the training time (bench/accuracy.py).
 
 KL weighting. The per-example ELBO is (1/N_train) [sum_n E_q log p(y_n) - KL(q || p)]. A row i

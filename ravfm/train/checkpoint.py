@@ -193,14 +193,13 @@ def load_checkpoint(
     meta = read_manifest(path)
     ckpt = Path(meta["path"])
     dense = load_file(str(ckpt / "dense.safetensors"))
-    missing = set(dense_state(model)) - set(dense)
-    unexpected = set(dense) - set(dense_state(model))
+    own = dense_state(model)
+    missing, unexpected = set(own) - set(dense), set(dense) - set(own)
     if missing or unexpected:
         raise UserError(
             f"checkpoint {ckpt} does not fit this model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); train with the checkpoint's config"
         )
-    own = dense_state(model)
     for name, t in sorted(dense.items()):
         if t.shape != own[name].shape:
             raise UserError(
