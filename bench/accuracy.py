@@ -2,7 +2,7 @@
 
 `make bench-accuracy` (python -m bench.accuracy) runs ravfm's own pipeline end to end: convert
 -> stats (frequencies, feature spec) -> transform -> ravfm.train.loop.Trainer with the sparse
-tables and optimizers of ravfm.dist, then scores the test split with model.predict. It prints
+tables and optimizers of ravfm.distributed, then scores the test split with model.predict. It prints
 one table and writes bench/results/accuracy.json (dataset -> model -> metric); a run limited by
 --only keeps the other datasets' entries from the previous file, each marked `measured` (when).
 
@@ -43,9 +43,9 @@ from ravfm.data.convert import convert
 from ravfm.data.index import split_paths
 from ravfm.data.schemas import ROW_COLUMN
 from ravfm.data.synth import read_oracle, synth
-from ravfm.dist.embedding import table_factory
-from ravfm.dist.optim import build_optimizers
-from ravfm.dist.world import World
+from ravfm.distributed.embedding import table_factory
+from ravfm.distributed.optim import build_optimizers
+from ravfm.distributed.world import World
 from ravfm.features.stats import load_frequencies, run_stats
 from ravfm.features.transform import transform
 from ravfm.metrics import MetricState

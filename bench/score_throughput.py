@@ -35,7 +35,7 @@ def prepare(rows: int, base: Path) -> tuple[Path, Path]:
     from ravfm.data.index import read_index
     from ravfm.data.schemas import SCHEMA_REVISION
     from ravfm.data.synth import synth
-    from ravfm.dist.world import World
+    from ravfm.distributed.world import World
     from ravfm.features.spec import build_spec
     from ravfm.train.checkpoint import latest_checkpoint, save_checkpoint
     from ravfm.train.setup import build_for_training

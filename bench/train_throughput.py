@@ -28,10 +28,10 @@ from torch import nn
 from bench._common import RESULTS, table, write_result
 from ravfm.batch import Batch
 from ravfm.config import OptimConfig
-from ravfm.dist.dense import all_reduce_dense_grads
-from ravfm.dist.embedding import table_factory
-from ravfm.dist.optim import SparseAdagrad, build_optimizers
-from ravfm.dist.world import World, free_port
+from ravfm.distributed.dense import all_reduce_dense_grads
+from ravfm.distributed.embedding import table_factory
+from ravfm.distributed.optim import SparseAdagrad, build_optimizers
+from ravfm.distributed.world import World, free_port
 from ravfm.model.fm import FM, fm_init
 from ravfm.model.losses import data_loss
 

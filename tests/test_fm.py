@@ -134,8 +134,8 @@ def test_fused_bag_path_equals_the_plain_table_fm_with_l2_and_padding(binary_val
     """FM on a SparseTable (table.bag: no (B, F, K+1) rows) = FM on a PlainTable, float64:
     outputs, loss with both L2 terms, and the gradient of every touched row."""
     from ravfm.batch import Batch
-    from ravfm.dist.embedding import table_factory
-    from ravfm.dist.world import World
+    from ravfm.distributed.embedding import table_factory
+    from ravfm.distributed.world import World
     from ravfm.model.fm import FM
     from ravfm.model.layers import plain_tables
 

@@ -9,9 +9,9 @@ import torch
 
 from ravfm.batch import Batch
 from ravfm.config import OptimConfig
-from ravfm.dist.embedding import table_factory
-from ravfm.dist.optim import build_optimizers
-from ravfm.dist.world import World
+from ravfm.distributed.embedding import table_factory
+from ravfm.distributed.optim import build_optimizers
+from ravfm.distributed.world import World
 from ravfm.model.fm import FM
 from ravfm.train.loop import Position, Trainer, improved, lr_factor
 

@@ -64,7 +64,7 @@ def _checkpoint(
 ) -> Path:
     from ravfm.config import FeatureConfig, ModelConfig, RunConfig, VFMConfig, to_dict
     from ravfm.data.index import read_index
-    from ravfm.dist.world import World
+    from ravfm.distributed.world import World
     from ravfm.features.spec import build_spec
     from ravfm.train.checkpoint import save_checkpoint
     from ravfm.train.setup import build_for_training
@@ -242,7 +242,7 @@ def test_load_model_holds_exactly_the_saved_rows(criteo, model_name):
     ckpt = _checkpoint(tmp / "again", shards, model_name)  # same seed: same model as saved
     model, _, _ = load_model(ckpt)
     from ravfm.config import FeatureConfig, ModelConfig, RunConfig
-    from ravfm.dist.world import World
+    from ravfm.distributed.world import World
     from ravfm.train.setup import build_for_training
 
     cfg = RunConfig(name="x", features=FeatureConfig(hash_bits=12),
@@ -265,7 +265,7 @@ def test_load_model_holds_exactly_the_saved_rows(criteo, model_name):
 
 def test_vfm_mixture_checkpoint_loads_and_refuses_a_one_component_model(criteo):
     from ravfm.config import FeatureConfig, ModelConfig, RunConfig
-    from ravfm.dist.world import World
+    from ravfm.distributed.world import World
     from ravfm.scorer import Scorer
     from ravfm.train.checkpoint import load_checkpoint, load_model
     from ravfm.train.setup import build_for_training

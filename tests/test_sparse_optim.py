@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ravfm.config import OptimConfig
-from ravfm.dist.embedding import RowShardedTable, SparseTable
-from ravfm.dist.optim import SparseAdagrad, SparseAdam, SparseSGD, build_optimizers
-from ravfm.dist.world import World
+from ravfm.distributed.embedding import RowShardedTable, SparseTable
+from ravfm.distributed.optim import SparseAdagrad, SparseAdam, SparseSGD, build_optimizers
+from ravfm.distributed.world import World
 from ravfm.errors import UserError
 from ravfm.model.fm import FM, fm_init
 from ravfm.model.layers import PlainTable

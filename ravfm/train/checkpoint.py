@@ -243,8 +243,8 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, d
     """A checkpoint's model in one process for inference: (model in eval mode, spec, manifest).
     All rows of every rank's file are loaded into local tables."""
     from ravfm.config import RunConfig, from_dict
-    from ravfm.dist.rows import skip_init
-    from ravfm.dist.world import World
+    from ravfm.distributed.rows import skip_init
+    from ravfm.distributed.world import World
     from ravfm.train.setup import build_for_training
 
     meta = read_manifest(path)

@@ -19,8 +19,8 @@ from torch import nn
 
 from ravfm.batch import Batch
 from ravfm.config import OptimConfig
-from ravfm.dist.dense import all_reduce_dense_grads
-from ravfm.dist.world import World
+from ravfm.distributed.dense import all_reduce_dense_grads
+from ravfm.distributed.world import World
 from ravfm.metrics import MetricState
 
 __all__ = ["Position", "Trainer", "lockstep", "lr_factor", "improved"]

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ravfm.config import RunConfig
-from ravfm.dist.embedding import table_factory
-from ravfm.dist.world import World
+from ravfm.distributed.embedding import table_factory
+from ravfm.distributed.world import World
 from ravfm.features.spec import FeatureSpec
 from ravfm.features.stats import load_frequencies
 from ravfm.model.registry import build_model

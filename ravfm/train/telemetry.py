@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ravfm.config import RunConfig
-from ravfm.dist.world import World
+from ravfm.distributed.world import World
 
 __all__ = ["Telemetry", "write_json_atomic"]
 

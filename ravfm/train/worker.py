@@ -21,8 +21,8 @@ import torch
 
 from ravfm.batch import from_numpy
 from ravfm.config import RunConfig, from_dict
-from ravfm.dist.optim import build_optimizers
-from ravfm.dist.world import World
+from ravfm.distributed.optim import build_optimizers
+from ravfm.distributed.world import World
 from ravfm.train.checkpoint import latest_checkpoint, load_checkpoint, load_seen, save_checkpoint
 from ravfm.train.loop import Position, Trainer, improved, merged
 from ravfm.train.setup import build_for_training, early_stopping_metric

@@ -13,10 +13,10 @@ import torch
 import torch.multiprocessing as mp
 
 from ravfm.batch import Batch
-from ravfm.dist.dense import all_reduce_dense_grads
-from ravfm.dist.embedding import table_factory
-from ravfm.dist.optim import SparseAdagrad, SparseAdam
-from ravfm.dist.world import World, free_port
+from ravfm.distributed.dense import all_reduce_dense_grads
+from ravfm.distributed.embedding import table_factory
+from ravfm.distributed.optim import SparseAdagrad, SparseAdam
+from ravfm.distributed.world import World, free_port
 from ravfm.model.fm import FM
 
 N, K, B, F, STEPS, TOL = 61, 3, 16, 4, 4, 1e-10

@@ -7,8 +7,8 @@ from functools import partial
 import pytest
 import torch
 
-from ravfm.dist.embedding import RowShardedTable, SparseTable, table_factory
-from ravfm.dist.world import World
+from ravfm.distributed.embedding import RowShardedTable, SparseTable, table_factory
+from ravfm.distributed.world import World
 from ravfm.model.fm import fm_init
 from ravfm.model.layers import PlainTable
 
@@ -156,7 +156,7 @@ def test_an_empty_batch_looks_up_and_steps_nothing():
 
 
 def test_skip_init_makes_zero_tables_only_inside_the_block():
-    from ravfm.dist.rows import skip_init
+    from ravfm.distributed.rows import skip_init
 
     with skip_init():
         quiet = SparseTable("t", N, D, INIT, dtype=torch.float64)

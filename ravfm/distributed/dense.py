@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ravfm.dist.world import World
+from ravfm.distributed.world import World
 
 __all__ = ["all_reduce_dense_grads", "clip_grad_norm"]
 

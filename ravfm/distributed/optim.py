@@ -1,7 +1,7 @@
 """Row-wise sparse optimizers for embedding tables, and `build_optimizers`.
 
 Each optimizer steps every table of a model in one fused pass over the touched rows: the state
-sits in the table's packed storage beside the weights (ravfm.dist.rows), the forward pass already
+sits in the table's packed storage beside the weights (ravfm.distributed.rows), the forward pass already
 gathered those rows, the update runs in place on them, and one index_copy_ writes them back.
 Untouched rows are neither read nor written (their bits do not change), and nothing walks the
 whole table.
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ravfm.config import OptimConfig
-from ravfm.dist.rows import LocalRows, SparseGrad
+from ravfm.distributed.rows import LocalRows, SparseGrad
 from ravfm.errors import UserError
 from ravfm.model.layers import is_table
 
@@ -97,7 +97,7 @@ class SparseOptimizer:
     """Steps the touched rows of every table. tables: {key: table} (keys name the state in
     checkpoints) or a list of tables (keyed by their names). `lr` may be changed between steps.
 
-    Construction reserves the state columns in each table's packed storage (ravfm.dist.rows),
+    Construction reserves the state columns in each table's packed storage (ravfm.distributed.rows),
     so build the optimizer after the model is on its device and dtype."""
 
     def __init__(self, tables: Mapping[str, nn.Module] | list[nn.Module], lr: float) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ravfm.dist.dense import all_reduce_dense_grads
-from ravfm.dist.world import World
+from ravfm.distributed.dense import all_reduce_dense_grads
+from ravfm.distributed.world import World
 
 
 def test_single_world_collectives_are_local_copies():

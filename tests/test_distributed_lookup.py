@@ -1,11 +1,11 @@
-"""Deduplicated lookup (ravfm.dist.lookup) against literal loops."""
+"""Deduplicated lookup (ravfm.distributed.lookup) against literal loops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ravfm.dist.lookup import bag, coalesce, dedupe, expand
+from ravfm.distributed.lookup import bag, coalesce, dedupe, expand
 
 
 def _ids(n: int = 500, hi: int = 60, seed: int = 0) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """Embedding tables with sparse, fused updates: `SparseTable` (one process, or replicated across
 ranks) and `RowShardedTable` (row r lives on rank r % W), plus `table_factory`.
 
-Both hold their rows in a buffer (ravfm.dist.rows.LocalRows: never an nn.Parameter, so no
+Both hold their rows in a buffer (ravfm.distributed.rows.LocalRows: never an nn.Parameter, so no
 dense gradient and no DDP). A forward pass with gradients enabled deduplicates the ids with one
 sort, gathers the U unique rows and expands them (`table(ids)`, the contract of
 ravfm.model.layers) or sums them per example (`table.bag(ids, values, norms)`, the FM terms
 without a (B, F, dim) tensor); its backward hands the coalesced gradient (rows (U,), grads (U, dim)) to the
-table, where a ravfm.dist.optim optimizer picks it up in `step()`. Only the touched rows are
+table, where a ravfm.distributed.optim optimizer picks it up in `step()`. Only the touched rows are
 read or written: nothing walks the whole table.
 
 Gradients across ranks are averaged (like DDP does for dense parameters): with a mean loss over
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ravfm.dist.lookup import Dedup, bag, coalesce, dedupe, expand
-from ravfm.dist.rows import LocalRows, SparseGrad
-from ravfm.dist.world import World
+from ravfm.distributed.lookup import Dedup, bag, coalesce, dedupe, expand
+from ravfm.distributed.rows import LocalRows, SparseGrad
+from ravfm.distributed.world import World
 from ravfm.model.layers import Init, PlainTable, TableFactory
 
 __all__ = ["SparseTable", "RowShardedTable", "table_factory"]
@@ -51,7 +51,7 @@ class SparseTable(LocalRows):
     def bag(self, ids: Tensor, weights: Tensor, norms: tuple[tuple[int, int], ...] = ()):
         """ids, weights (B, F) -> sums[b] = sum_f weights[b, f] * row(ids[b, f]) (B, dim); with
         norms = ((a, b), ...) also nsq[b, g] = sum_f weights^2 |row[a:b]|^2 (B, G), as
-        (sums, nsq); see ravfm.dist.lookup.bag. The FM terms without (B, F, dim) rows:
+        (sums, nsq); see ravfm.distributed.lookup.bag. The FM terms without (B, F, dim) rows:
         linear = sums[:, 0], pairwise = 0.5 (|sums[:, 1:]|^2 - nsq[:, 0]), norms=((1, dim),)."""
         return self._bag(ids.reshape(-1), weights, ids.shape[-1], norms)
 

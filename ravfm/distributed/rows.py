@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ravfm.dist.lookup import Dedup, bag, coalesce, dedupe, expand
+from ravfm.distributed.lookup import Dedup, bag, coalesce, dedupe, expand
 from ravfm.model.layers import Init
 
 __all__ = ["SparseGrad", "LocalRows"]
@@ -169,7 +169,7 @@ class LocalRows(nn.Module):
         return SparseGrad(rows, grad)
 
     def _bag(self, local: Tensor, weights: Tensor, fields: int, norms: tuple = ()):
-        """local, weights (B * fields,) -> ravfm.dist.lookup.bag of the rows."""
+        """local, weights (B * fields,) -> ravfm.distributed.lookup.bag of the rows."""
         rows, d = self._unique_rows(local)
         return bag(rows, d, weights, fields, norms)
 
