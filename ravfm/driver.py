@@ -252,10 +252,11 @@ def train(cfg: RunConfig, *, address: str | None = None, resume: str | None = No
 
 def _check_resume(resume: str, cfg: RunConfig, spec: Any) -> None:
     from ravfm.features.spec import FeatureSpec
+    from ravfm.storage import Store
     from ravfm.train.checkpoint import read_manifest
 
     meta = read_manifest(resume)
-    FeatureSpec.load(Path(meta["path"]) / "spec").check_compatible(spec)
+    FeatureSpec.load(Store(meta["path"]).url_of("spec")).check_compatible(spec)
     saved = meta["config"]["model"]
     for key in ("name", "k", "task"):
         if saved.get(key) != getattr(cfg.model, key):

@@ -224,6 +224,7 @@ def score(
     from ravfm.features.spec import FeatureSpec
     from ravfm.features.transform import check_schema
     from ravfm.ingest import quiet_data_context
+    from ravfm.storage import Store
     from ravfm.train.checkpoint import read_manifest
 
     t0, wall0 = time.perf_counter(), time.time()
@@ -232,7 +233,7 @@ def score(
             "--batch-size must be >= 1 and --num-actors >= 0 (0 = sized from the cluster)"
         )
     meta = read_manifest(checkpoint)
-    spec = FeatureSpec.load(Path(meta["path"]) / "spec")
+    spec = FeatureSpec.load(Store(meta["path"]).url_of("spec"))
     tmp_root = Path(tempfile.mkdtemp(prefix="ravfm-score-"))
     try:
         paths, _ = resolve_input(input, spec.dataset, tmp_root)

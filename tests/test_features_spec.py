@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_save_load_round_trip_with_kept_rows(tmp_path):
     spec = build_spec(
         _index(CRITEO.columns), FeatureConfig(hash_bits=12, min_count=5), kept_rows=kept
     )
-    path = spec.save(tmp_path / "s")
+    path = Path(spec.save(tmp_path / "s"))
     assert path.name == "feature_spec.json" and (tmp_path / "s" / "kept_rows.npy").is_file()
     back = FeatureSpec.load(tmp_path / "s")
     assert back == spec and back.fingerprint == spec.fingerprint
@@ -97,7 +98,7 @@ def test_save_load_round_trip_with_kept_rows(tmp_path):
 
 def test_load_refuses_edited_spec_and_missing_file(tmp_path):
     spec = build_spec(_index(CRITEO.columns), FeatureConfig())
-    path = spec.save(tmp_path)
+    path = Path(spec.save(tmp_path))
     d = json.loads(path.read_text())
     d["fields"][0]["seed"] += 1
     path.write_text(json.dumps(d))

@@ -11,6 +11,7 @@ PKG = Path(__file__).resolve().parent.parent / "ravfm"
 FORBIDDEN = {
     "config": {"torch", "polars", "ray", "pyarrow", "numpy"},
     "errors": {"torch", "polars", "ray"},
+    "storage": {"torch", "polars", "ray", "pyarrow", "numpy"},
     "data": {"torch", "ray", "ravfm.model", "ravfm.distributed", "ravfm.train"},
     "features": {"torch", "ray", "ravfm.model", "ravfm.distributed", "ravfm.train"},
     "batch": {"polars", "ray", "pyarrow"},

@@ -121,6 +121,22 @@ class World:
         if self.size > 1:
             dist.barrier()
 
+    def gather_objects(self, obj: object) -> list:
+        """Every rank's picklable `obj`, in rank order (small things: file digests, flags)."""
+        if self.size == 1:
+            return [obj]
+        out: list = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """Rank `src`'s picklable `obj` on every rank."""
+        if self.size == 1:
+            return obj
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for local process groups)."""

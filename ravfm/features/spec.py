@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from ravfm.config import FeatureConfig
 from ravfm.data.schemas import MOVIELENS_SIDE, schema_for
 from ravfm.errors import UserError
 from ravfm.features.hashing import HASH_FUNCTION, INT_HASH, field_seed
+from ravfm.storage import Store
 
 __all__ = [
     "FieldSpec",
@@ -180,28 +182,29 @@ class FeatureSpec:
         out["fingerprint"] = self.fingerprint
         return out
 
-    def save(self, path: str | Path) -> Path:
-        """Write DIR/feature_spec.json (or the given .json path) and its kept_rows.npy sidecar."""
-        p = Path(path)
-        p = p if p.suffix == ".json" else p / SPEC_NAME
-        p.parent.mkdir(parents=True, exist_ok=True)
+    def save(self, path: str | Path) -> str:
+        """Write DIR/feature_spec.json (or the given .json path) and its kept_rows.npy sidecar;
+        DIR may be a local path or a storage URL. Returns the spec file's path or URL."""
+        store, name = _spec_location(path)
+        store.makedirs()
         if self.kept_rows is not None:
-            np.save(p.parent / KEPT_NAME, np.ascontiguousarray(self.kept_rows, np.int64))
-        tmp = p.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        tmp.replace(p)
-        return p
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(self.kept_rows, np.int64), allow_pickle=False)
+            store.write_bytes(KEPT_NAME, buf.getvalue())
+        store.write_bytes(name, (json.dumps(self.to_json(), indent=1) + "\n").encode())
+        return store.url_of(name)
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureSpec:
-        """Read a spec written by `save` (a directory holding feature_spec.json, or the file)."""
-        p = Path(path)
-        p = p / SPEC_NAME if p.is_dir() else p
-        if not p.is_file():
+        """Read a spec written by `save` (a directory holding feature_spec.json, or the file;
+        a local path or a storage URL)."""
+        store, name = _spec_location(path)
+        p = store.url_of(name)
+        if not store.exists(name):
             raise UserError(f"{path}: no {SPEC_NAME}; run `ravfm stats SHARDS --out DIR` first")
         try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(store.read_bytes(name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{p}: not valid JSON ({e}); re-run `ravfm stats`") from None
         if d.get("format_version") != FORMAT_VERSION:
             raise UserError(
@@ -210,10 +213,16 @@ class FeatureSpec:
             )
         kept = None
         if d.get("kept_rows"):
-            kp = p.parent / d["kept_rows"]["file"]
-            if not kp.is_file():
-                raise UserError(f"{p}: its sidecar {kp.name} is missing; re-run `ravfm stats`")
-            kept = np.load(kp, allow_pickle=False).astype(np.int64, copy=False)
+            kname = d["kept_rows"]["file"]
+            if not store.exists(kname):
+                raise UserError(f"{p}: its sidecar {kname} is missing; re-run `ravfm stats`")
+            try:
+                kept = np.load(io.BytesIO(store.read_bytes(kname)), allow_pickle=False)
+            except ValueError as e:
+                raise UserError(
+                    f"{p}: its sidecar {kname} is damaged ({e}); re-run `ravfm stats`"
+                ) from None
+            kept = kept.astype(np.int64, copy=False)
         fields = tuple(FieldSpec(**{**f, "edges": tuple(f.get("edges", ()))}) for f in d["fields"])
         names = {f.name for f in dataclasses.fields(cls)} - {"fields", "kept_rows"}
         spec = cls(fields=fields, kept_rows=kept, **{k: d[k] for k in names if k in d})
@@ -224,6 +233,15 @@ class FeatureSpec:
                 "`ravfm stats`"
             )
         return spec
+
+
+def _spec_location(path: str | Path) -> tuple[Store, str]:
+    """(the directory's Store, the spec file's name) for a directory or a .json path."""
+    text = str(path)
+    if text.endswith(".json"):
+        head, _, tail = text.rstrip("/").rpartition("/")
+        return Store(head or "."), tail
+    return Store(text), SPEC_NAME
 
 
 def _short(v: Any) -> str:

@@ -12,6 +12,7 @@ the final id space with a non-zero count, which is what RaFM ranks features by.
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ravfm.data.index import read_index, split_paths
 from ravfm.errors import UserError
 from ravfm.features.spec import FeatureSpec, build_spec
 from ravfm.features.transform import check_schema, field_ids, multi_items
+from ravfm.storage import Store
 
 __all__ = ["run_stats", "load_frequencies", "count_rows", "FREQ_NAME", "MAX_MULTI_WIDTH"]
 
@@ -151,14 +153,16 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
     widths = {k: max(1, min(v, MAX_MULTI_WIDTH)) for k, v in longest.items()}
     freq, kept, n_folded = _fold(counts.collect(), base)
     spec = build_spec(index, cfg, task=task, edges=edges, widths=widths, kept_rows=kept)
-    outp = Path(out)
-    spec.save(outp)
-    freq.write_parquet(outp / FREQ_NAME)
+    outp = Store(out)
+    spec.save(out)
+    buf = io.BytesIO()
+    freq.write_parquet(buf)
+    outp.write_bytes(FREQ_NAME, buf.getvalue())
     print(
         f"ravfm stats: {rows_seen:,} train rows in {len(paths)} shard(s), {len(spec.fields)} "
         f"fields (F={spec.num_fields}), task {spec.task}, {freq.height:,} used rows of "
         f"N={spec.num_rows:,}, min_count {cfg.min_count} folded {n_folded:,} rows into OOV; "
-        f"wrote {outp / 'feature_spec.json'}"
+        f"wrote {outp.url_of('feature_spec.json')}"
     )
     return spec
 
@@ -192,10 +196,11 @@ def _fold(acc: pl.DataFrame, spec: FeatureSpec) -> tuple[pl.DataFrame, np.ndarra
 
 def load_frequencies(out_dir: str | Path, num_rows: int) -> np.ndarray:
     """Train counts per row of the final id space: int64 (N,), zero for unseen rows."""
-    p = Path(out_dir) / FREQ_NAME
-    if not p.is_file():
+    store = Store(out_dir)
+    p = store.url_of(FREQ_NAME)
+    if not store.exists(FREQ_NAME):
         raise UserError(f"{out_dir}: no {FREQ_NAME}; run `ravfm stats SHARDS --out {out_dir}`")
-    df = pl.read_parquet(p, columns=["row", "count"])
+    df = pl.read_parquet(io.BytesIO(store.read_bytes(FREQ_NAME)), columns=["row", "count"])
     rows = df["row"].to_numpy()
     if len(rows) and (rows.min() < 0 or rows.max() >= num_rows):
         raise UserError(

@@ -1,36 +1,44 @@
 """Checkpoints: manifest + feature spec + dense parameters + embedding rows by global row id.
 
-Layout of `<run>/checkpoints/step-000000123/`:
-  manifest.json              step, epoch, world size, versions, resolved config, metrics, data position
+Layout of `<run>/checkpoints/step-000000123/` (a local directory or an object-store prefix):
   spec/                      the feature spec (and the frequency table RaFM's levels come from)
   dense.safetensors          replicated parameters and buffers (bias, VFM priors, RaFM remaps)
   dense_optim.pt             the dense optimizer's state dict (tensors and numbers only)
   rows-00000-of-00002.safetensors   each rank's embedding rows and their optimizer state, keyed by
                              global row id, so a run can resume on a different number of workers
   seen-00000.npy             row numbers each rank consumed in the current epoch (exact resume)
+  manifest.json              written LAST: step, epoch, world size, versions, resolved config,
+                             metrics, data position, and every file above with its size and SHA-256
 
-Every rank joins every barrier; rank 0 alone writes the shared files and renames the temporary
-directory into place, so a crash mid-write leaves the previous checkpoint valid. Nothing is
-unpickled: tensors go through safetensors, optimizer state through torch.load(weights_only=True).
+Every rank writes its own rows straight to the checkpoint's storage and reports their digests;
+rank 0 writes the shared files and then the manifest. A checkpoint without a manifest is
+incomplete (a crash mid-write) and is never read; one whose files do not match their manifest
+entries is refused naming the file. Choosing the newest checkpoint of a directory skips both
+kinds with one line each. Nothing is unpickled: tensors go through safetensors, optimizer state
+through torch.load(weights_only=True), each only after its checksum matched.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import io
+import os
+import sys
+import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from torch import nn
 
 from ravfm.errors import UserError
+from ravfm.storage import Store, verify_files
 
 __all__ = [
     "FORMAT_VERSION",
+    "MANIFEST",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
@@ -41,8 +49,9 @@ __all__ = [
     "load_seen",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+_PREFIX = "step-"
 
 
 def table_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -58,7 +67,7 @@ def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers that are not embedding rows (replicated on every rank)."""
     tables = tuple(n + "." for n in table_modules(model))
     return {
-        k: v.detach().contiguous()
+        k: v.detach().cpu().contiguous()
         for k, v in model.state_dict().items()
         if not k.startswith(tables)
     }
@@ -81,8 +90,28 @@ def _rows_payload(model: nn.Module, sparse_opt: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def _put_tensors(store: Store, name: str, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+    """safetensors through a local temporary file (no second copy of a large table in memory)."""
+    fd, tmp = tempfile.mkstemp(
+        prefix=".ravfm-", suffix=".safetensors", dir=store.path() if store.local else None
+    )
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        return store.put_file(tmp, name)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
 def save_checkpoint(
-    root: str | Path,
+    root: str,
     step: int,
     *,
     model: nn.Module,
@@ -90,29 +119,42 @@ def save_checkpoint(
     dense_opt: torch.optim.Optimizer | None,
     world: Any,
     manifest: dict,
-    spec_dir: str | Path,
+    spec_dir: str,
     seen: np.ndarray | None = None,
     keep: int = 2,
-) -> Path:
-    """Write checkpoint `step` under `root` (all ranks call this); returns its final path."""
-    root = Path(root)
-    final = root / f"step-{step:09d}"
-    tmp = root / f".tmp-step-{step:09d}"
+    protect: tuple[str, ...] = (),
+    suffix: str = "",
+) -> str:
+    """Write checkpoint `step` under `root` (all ranks call this); returns its URL.
+
+    keep: the newest complete checkpoints to keep; protect: names never pruned (the best)."""
+    name = f"{_PREFIX}{step:09d}{suffix}"
+    store = Store(root).child(name)
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        store.remove()  # an incomplete (or superseded) write of the same name
+        store.makedirs()
     _barrier(world)
-    save_file(
-        _rows_payload(model, sparse_opt), str(tmp / f"rows-{rank:05d}-of-{size:05d}.safetensors")
-    )
+    files = {}
+    rows = f"rows-{rank:05d}-of-{size:05d}.safetensors"
+    files[rows] = _put_tensors(store, rows, _rows_payload(model, sparse_opt))
     if seen is not None:
-        np.save(tmp / f"seen-{rank:05d}.npy", np.asarray(seen, dtype=np.int64))
+        files[f"seen-{rank:05d}.npy"] = store.write_bytes(
+            f"seen-{rank:05d}.npy", _npy_bytes(np.asarray(seen, dtype=np.int64))
+        )
+    gathered = world.gather_objects(files) if world is not None else [files]
     if rank == 0:
-        save_file(dense_state(model), str(tmp / "dense.safetensors"))
+        for part in gathered:
+            files.update(part)
+        files["dense.safetensors"] = _put_tensors(store, "dense.safetensors", dense_state(model))
         if dense_opt is not None:
-            torch.save(dense_opt.state_dict(), tmp / "dense_optim.pt")
-        shutil.copytree(spec_dir, tmp / "spec")
+            buf = io.BytesIO()
+            torch.save(dense_opt.state_dict(), buf)
+            files["dense_optim.pt"] = store.write_bytes("dense_optim.pt", buf.getvalue())
+        spec = Store(spec_dir)
+        for f in spec.walk_files():
+            if not f.endswith(".tmp") and "/.tmp" not in f:
+                files[f"spec/{f}"] = store.write_bytes(f"spec/{f}", spec.read_bytes(f))
         meta = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -120,26 +162,14 @@ def save_checkpoint(
             "written_at": time.time(),
             "versions": _versions(),
             **manifest,
+            "files": {k: {"bytes": n, "sha256": sha} for k, (n, sha) in sorted(files.items())},
         }
-        (tmp / MANIFEST).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        store.write_json(MANIFEST, meta)  # last: the checkpoint exists from here on
     _barrier(world)
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _prune(root, keep)
+        _prune(Store(root), keep, protect + (name,))
     _barrier(world)
-    return final
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    if isinstance(v, (np.ndarray, tuple)):
-        return list(v)
-    raise TypeError(f"not JSON serialisable: {type(v)}")
+    return store.url
 
 
 def _versions() -> dict[str, str]:
@@ -148,98 +178,170 @@ def _versions() -> dict[str, str]:
     return {"ravfm": ravfm.__version__, "torch": torch.__version__}
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step-*") if (p / MANIFEST).exists())
-    for old in done[: -max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+def _candidates(root: Store) -> list[str]:
+    return sorted((n for n in root.list() if n.startswith(_PREFIX)), reverse=True)
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under `root` (a run's checkpoints/ directory), or None."""
-    root = Path(root)
-    if (root / MANIFEST).exists():
-        return root
-    done = sorted(p for p in root.glob("step-*") if (p / MANIFEST).exists())
-    return done[-1] if done else None
+def _prune(root: Store, keep: int, protect: tuple[str, ...]) -> None:
+    """Keep the newest `keep` complete checkpoints and `protect`; drop older ones and any
+    incomplete write older than the newest complete one."""
+    complete = [n for n in _candidates(root) if root.exists(f"{n}/{MANIFEST}")]
+    if not complete:
+        return
+    keep_names = set(complete[: max(1, keep)]) | set(protect)
+    for n in _candidates(root):
+        if n in keep_names or n > complete[0]:
+            continue  # a newer write may be under way
+        root.remove(n)
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of checkpoint `path` (a step directory or a run's checkpoints/ directory)."""
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
+def _say(msg: str) -> None:
+    print(f"ravfm: {msg}", file=sys.stderr, flush=True)
+
+
+def _verified(store: Store) -> dict:
+    """The manifest of the checkpoint at `store`, after every file it lists was verified."""
+    what = f"checkpoint {store.url}"
+    try:
+        meta = store.read_json(MANIFEST)
+    except FileNotFoundError:
+        raise UserError(f"{what} is incomplete (no {MANIFEST}: it was being written)") from None
+    except ValueError:
+        raise UserError(f"{what}: {MANIFEST} is damaged (not valid JSON)") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
         raise UserError(
-            f"no checkpoint found at {path}; pass a checkpoint directory "
-            "(runs/NAME/checkpoints or one of its step-* folders)"
+            f"{what} has format version {version}, this ravfm reads version "
+            f"{FORMAT_VERSION}; use the ravfm release that wrote it"
         )
-    meta = json.loads((ckpt / MANIFEST).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(
-            f"checkpoint {ckpt} has format version {meta.get('format_version')}, this "
-            f"ravfm reads version {FORMAT_VERSION}; use the ravfm release that wrote it"
-        )
-    meta["path"] = str(ckpt)
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise UserError(f"{what}: {MANIFEST} lists no files; the checkpoint is damaged")
+    verify_files(store, files, what)
+    world = int(meta.get("world_size", 0))
+    want = {f"rows-{r:05d}-of-{world:05d}.safetensors" for r in range(world)}
+    if not want <= set(files) or "dense.safetensors" not in files:
+        raise UserError(f"{what}: {MANIFEST} does not list every rank's rows; it is damaged")
+    meta["path"] = store.url
     return meta
 
 
+def latest_checkpoint(path: str) -> str | None:
+    """The newest checkpoint at `path` that verifies (a step directory itself, or the newest
+    under a run's checkpoints/ directory), or None when there is none. Damaged or incomplete
+    ones are skipped with one line each."""
+    meta = _resolve(path, required=False)
+    return None if meta is None else meta["path"]
+
+
+def _resolve(path: str, required: bool) -> dict | None:
+    store = Store(path)
+    if store.exists(MANIFEST) or not store.list():
+        if not store.exists(MANIFEST):
+            if required:
+                raise UserError(
+                    f"no checkpoint found at {path}; pass a checkpoint directory "
+                    "(runs/NAME/checkpoints or one of its step-* folders)"
+                )
+            return None
+        return _verified(store)
+    skipped = []
+    for name in _candidates(store):
+        try:
+            meta = _verified(store.child(name))
+        except UserError as e:
+            _say(f"skipping {e}")
+            skipped.append(name)
+            continue
+        if skipped:
+            _say(f"using checkpoint {meta['path']}")
+        return meta
+    if required:
+        found = f" ({len(skipped)} skipped as damaged or incomplete)" if skipped else ""
+        raise UserError(
+            f"no usable checkpoint found at {path}{found}; pass a checkpoint directory "
+            "(runs/NAME/checkpoints or one of its step-* folders)"
+        )
+    return None
+
+
+def read_manifest(path: str) -> dict:
+    """The verified manifest of checkpoint `path` (a step directory, or a run's checkpoints/
+    directory: its newest checkpoint that verifies); meta["path"] is the step directory."""
+    return _resolve(str(path), required=True)
+
+
+def _load_tensors(store: Store, name: str) -> dict[str, torch.Tensor]:
+    return load_bytes(store.read_bytes(name))
+
+
 def load_checkpoint(
-    path: str | Path,
+    path: str,
     *,
     model: nn.Module,
     sparse_opt: Any = None,
     dense_opt: torch.optim.Optimizer | None = None,
+    meta: dict | None = None,
 ) -> dict:
     """Load checkpoint `path` into `model` (and optimizers); every rank reads every rows file
-    and keeps the rows it owns, so the saving and loading world sizes may differ."""
-    meta = read_manifest(path)
-    ckpt = Path(meta["path"])
-    dense = load_file(str(ckpt / "dense.safetensors"))
+    and keeps the rows it owns, so the saving and loading world sizes may differ. `meta`: the
+    manifest read_manifest already verified (else it is read and verified here)."""
+    meta = meta or read_manifest(path)
+    store = Store(meta["path"])
+    dense = _load_tensors(store, "dense.safetensors")
     own = dense_state(model)
     missing, unexpected = set(own) - set(dense), set(dense) - set(own)
     if missing or unexpected:
         raise UserError(
-            f"checkpoint {ckpt} does not fit this model (missing {sorted(missing)[:3]}, "
+            f"checkpoint {store.url} does not fit this model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}); train with the checkpoint's config"
         )
     for name, t in sorted(dense.items()):
         if t.shape != own[name].shape:
             raise UserError(
-                f"checkpoint {ckpt} does not fit this model ({name} has shape "
+                f"checkpoint {store.url} does not fit this model ({name} has shape "
                 f"{tuple(t.shape)}, the model's is {tuple(own[name].shape)}; written by another "
                 "config or an older ravfm); train with the checkpoint's config"
             )
     model.load_state_dict(dense, strict=False)
     tables = table_modules(model)
-    for f in sorted(ckpt.glob("rows-*.safetensors")):
-        rows = load_file(str(f))
+    rows_files = sorted(f for f in meta["files"] if f.startswith("rows-"))
+    for f in rows_files:
+        rows = _load_tensors(store, f)
         for name, table in tables.items():
             if f"{name}/ids" not in rows:
                 raise UserError(
-                    f"checkpoint {ckpt} has no rows for table {name}; train with the "
+                    f"checkpoint {store.url} has no rows for table {name}; train with the "
                     "checkpoint's model config"
                 )
             weight = rows[f"{name}/weight"]
             if weight.shape[1] != table.dim:
                 raise UserError(
-                    f"checkpoint {ckpt} has rows of width {weight.shape[1]} for table {name}, "
-                    f"this model's are {table.dim} wide; train with the checkpoint's config"
+                    f"checkpoint {store.url} has rows of width {weight.shape[1]} for table "
+                    f"{name}, this model's are {table.dim} wide; train with the checkpoint's config"
                 )
             table.import_rows(rows[f"{name}/ids"], weight)
         if sparse_opt is not None:
             state = {k[len("optim/") :]: v for k, v in rows.items() if k.startswith("optim/")}
             sparse_opt.import_state(state)
-    if dense_opt is not None and (ckpt / "dense_optim.pt").exists():
-        dense_opt.load_state_dict(torch.load(ckpt / "dense_optim.pt", weights_only=True))
+    if dense_opt is not None and "dense_optim.pt" in meta["files"]:
+        blob = io.BytesIO(store.read_bytes("dense_optim.pt"))
+        dense_opt.load_state_dict(torch.load(blob, weights_only=True))
     return meta
 
 
-def load_seen(path: str | Path) -> np.ndarray:
+def load_seen(meta: dict) -> np.ndarray:
     """Row numbers consumed in the checkpoint's epoch, over all ranks (sorted, unique)."""
-    ckpt = Path(read_manifest(path)["path"])
-    parts = [np.load(f) for f in sorted(ckpt.glob("seen-*.npy"))]
+    store = Store(meta["path"])
+    parts = [
+        np.load(io.BytesIO(store.read_bytes(f)), allow_pickle=False)
+        for f in sorted(meta["files"])
+        if f.startswith("seen-")
+    ]
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
-def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, dict]:
+def load_model(path: str, device: str = "cpu") -> tuple[nn.Module, Any, dict]:
     """A checkpoint's model in one process for inference: (model in eval mode, spec, manifest).
     All rows of every rank's file are loaded into local tables."""
     from ravfm.config import RunConfig, from_dict
@@ -250,11 +352,11 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any, d
     meta = read_manifest(path)
     cfg = from_dict(RunConfig, meta["config"])
     world = World.single(torch.device(device))
+    spec_dir = Store(meta["path"]).url_of("spec")
     with skip_init():  # every row comes from the checkpoint
         model, spec = build_for_training(
-            cfg, Path(meta["path"]) / "spec", world, n_train=int(meta.get("n_train", 1)),
-            kind="sparse",
-        )  # fmt: skip
-    load_checkpoint(meta["path"], model=model)
+            cfg, spec_dir, world, n_train=int(meta.get("n_train", 1)), kind="sparse"
+        )
+    load_checkpoint(meta["path"], model=model, meta=meta)
     model.eval()
     return model, spec, meta

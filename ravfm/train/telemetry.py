@@ -6,7 +6,6 @@ deadlock). The driver tails `progress.json` to print one updating progress line.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -14,13 +13,14 @@ from typing import Any
 
 from ravfm.config import RunConfig
 from ravfm.distributed.world import World
+from ravfm.storage import dumps
 
 __all__ = ["Telemetry", "write_json_atomic"]
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
+    tmp.write_text(dumps(payload))
     os.replace(tmp, path)
 
 
@@ -60,7 +60,7 @@ class Telemetry:
     def _event(self, record: dict) -> None:
         record = {"time": time.time(), **record}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(dumps(record, indent=None) + "\n")
 
     def step(self, pos: Any, state: Any, seconds: float) -> None:
         if not self.active or pos.step % max(1, self.cfg.train.log_every):

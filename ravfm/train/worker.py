@@ -78,7 +78,7 @@ def train_fn(config: dict) -> None:
     )
     position, history, skip = Position(), {}, None
 
-    start_from = latest_checkpoint(ckpt_root) or (
+    start_from = latest_checkpoint(str(ckpt_root)) or (
         config.get("resume") and latest_checkpoint(config["resume"])
     )
     if start_from:
@@ -87,7 +87,7 @@ def train_fn(config: dict) -> None:
         position = Position(epoch=pos["epoch"], step=pos["step"])
         history = meta.get("history", {})
         if pos.get("mid_epoch"):
-            skip = load_seen(start_from)
+            skip = load_seen(meta)
             # The union of all ranks' seen rows: rank 0 carries it on (counted once).
             position.seen = [skip] if world.rank == 0 else []
             position.epoch_samples = int(skip.size) if world.rank == 0 else 0
@@ -125,14 +125,14 @@ def train_fn(config: dict) -> None:
             "history": history,
         }
         save_checkpoint(
-            ckpt_root,
+            str(ckpt_root),
             position.step,
             model=model,
             sparse_opt=sparse_opt,
             dense_opt=dense_opt,
             world=world,
             manifest=manifest,
-            spec_dir=config["spec_dir"],
+            spec_dir=str(config["spec_dir"]),
             seen=position.seen_rows() if mid_epoch else None,
             keep=cfg.train.keep_checkpoints,
         )
