@@ -51,7 +51,7 @@ from ravfm.features.transform import transform
 from ravfm.metrics import MetricState
 from ravfm.model.registry import build_model
 from ravfm.settings import shared_data_dir
-from ravfm.train.loop import Position, Trainer
+from ravfm.train.step import Position, Trainer
 
 __all__ = ["main", "RECIPES"]
 

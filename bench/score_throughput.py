@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from ravfm.driver import init_ray
+    from ravfm.connect import init_ray
     from ravfm.scoring import score
 
     base = Path(args.data)

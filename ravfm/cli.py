@@ -52,14 +52,20 @@ def _train(a: argparse.Namespace) -> int:
     from ravfm.driver import train
 
     cfg = load_config(a.config, a.overrides)
-    train(cfg, address=a.address, resume=a.resume)
+    train(
+        cfg,
+        address=a.address,
+        resume=a.resume,
+        init=a.init_from,
+        reset_optimizer=a.reset_optimizer,
+    )
     return 0
 
 
 def _eval(a: argparse.Namespace) -> int:
     from ravfm.driver import evaluate
 
-    evaluate(a.checkpoint, split=a.split, shards=a.shards, address=a.address)
+    evaluate(a.checkpoint, split=a.split, shards=a.shards)
     return 0
 
 
@@ -138,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Ray cluster address (default: RAY_ADDRESS, else a local cluster started in-process)",
     )
     t.add_argument("--resume", default=None, help="checkpoint directory to continue from")
+    t.add_argument(
+        "--init-from",
+        default=None,
+        help="start a NEW run from this checkpoint's weights and optimizer state (warm start on "
+        "new data, hashed with the checkpoint's feature spec)",
+    )
+    t.add_argument(
+        "--reset-optimizer", action="store_true", help="with --init-from: fresh optimizer state"
+    )
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 model.k=8")
     t.set_defaults(fn=_train)
 
@@ -145,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--split", default="test")
     e.add_argument("--shards", default=None, help="shard directory (default: the run's own)")
-    e.add_argument("--address", default=None)
     e.set_defaults(fn=_eval)
 
     sc = sub.add_parser("score", help="batch-score a Parquet dataset with a checkpoint")

@@ -189,6 +189,9 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 8192
     eval_batch_size: int = 65536
+    # auto: one worker on this machine (no --address) trains in this process without Ray;
+    # ray: always through Ray Train; local: always in this process (one worker)
+    engine: str = "auto"
     num_workers: int = 0  # 0 = sized from the cluster's CPUs (or GPUs)
     cpus_per_worker: float = 0.0  # 0 = leave room for Ray Data ingest automatically
     use_gpu: bool = False
@@ -206,6 +209,7 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs must be >= 1")
         _check(self.batch_size >= 1 and self.eval_batch_size >= 1, "train.*batch_size must be >= 1")
         _check(self.num_workers >= 0, "train.num_workers must be >= 0 (0 = auto)")
+        _one_of("train.engine", self.engine, ("auto", "local", "ray"))
         _check(self.cpus_per_worker >= 0, "train.cpus_per_worker must be >= 0 (0 = auto)")
         _one_of(
             "train.early_stopping_metric",

@@ -1,58 +1,66 @@
-"""The driver: prepare data, start Ray Train workers, print progress, write the run summary.
+"""The driver: prepare data, run the epoch loop in this process or on Ray Train, report.
 
-`train(cfg)`: raw data (or synthetic) -> shards -> feature stats -> TorchTrainer over Ray Data
-streams -> summary.json with the test metrics. `evaluate(checkpoint)`: metrics of a checkpoint
-on a split. Ray is started in-process unless an address (or RAY_ADDRESS) names a cluster.
+`train(cfg)`: raw data (or synthetic) -> shards -> feature stats -> every shard checked against
+its index -> ravfm.train.loop.fit, either here (one worker on this machine: no Ray at all) or in
+Ray Train workers (a cluster, or several workers) -> summary.json with the test metrics. Both
+paths run the same loop over the same batches, so they give the same model. `evaluate`: the
+metrics of a checkpoint on a split, in this process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 import sys
-import threading
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 from ravfm.config import RunConfig, to_dict
-from ravfm.data.index import read_index, split_paths
+from ravfm.connect import ray_address
+from ravfm.data.index import read_index
 from ravfm.errors import UserError
+from ravfm.storage import Store, is_url
 
-__all__ = ["train", "evaluate", "prepare_data", "plan_workers", "init_ray"]
+__all__ = ["train", "evaluate", "prepare_data", "plan_workers", "with_task", "local_threads"]
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def prepare_data(cfg: RunConfig) -> tuple[Path, Path, dict]:
-    """Shards and feature spec for `cfg`, converting (or synthesising) and counting if needed."""
+def prepare_data(cfg: RunConfig) -> tuple[str, str, dict]:
+    """(shards, feature spec directory, index) for `cfg`, converting (or synthesising) and
+    counting when needed. Either may be a local path or a storage URL."""
     from ravfm.data.convert import convert
+    from ravfm.features.spec import FORMAT_VERSION
     from ravfm.features.stats import run_stats
 
-    shards = Path(cfg.shards_dir)
+    shards = Store(cfg.shards_dir)
     source = cfg.data.source
-    if source is None and not (shards / "_index.json").exists():
+    if source is None and not shards.exists("_index.json"):
         from ravfm.data.synth import synth
 
         if cfg.data.dataset == "libsvm":
             raise UserError("data.source is required for libsvm data (a path or URL of the file)")
+        if not shards.local:
+            raise UserError(
+                f"data.shards={cfg.shards_dir} holds no _index.json; convert the data there "
+                "first (`ravfm convert ... --out URL`) or pass data.source"
+            )
         _say(
             f"ravfm: no data source given: using SYNTHETIC {cfg.data.dataset}-shaped data "
             f"({cfg.data.synth_rows:,} rows, seed {cfg.seed}); pass data.source=PATH_OR_URL for real data"
         )
-        raw = shards.parent / f"{shards.name}-synthetic-raw"
-        source = str(synth(cfg.data.dataset, cfg.data.synth_rows, str(raw), seed=cfg.seed))
+        raw = f"{shards.url}-synthetic-raw"
+        source = str(synth(cfg.data.dataset, cfg.data.synth_rows, raw, seed=cfg.seed))
     elif source is None:
-        _say(f"ravfm: using the existing shards in {shards} (no data.source given)")
+        _say(f"ravfm: using the existing shards in {shards.url} (no data.source given)")
     if source is not None:
         convert(
             cfg.data.dataset,
             source,
-            str(shards),
+            shards.url,
             rows_per_shard=cfg.data.rows_per_shard,
             split=cfg.data.split,
             split_ratios=tuple(cfg.data.split_ratios),
@@ -60,37 +68,33 @@ def prepare_data(cfg: RunConfig) -> tuple[Path, Path, dict]:
             max_reject_rate=cfg.data.max_reject_rate,
             variant=cfg.data.variant,
         )
-    index = read_index(shards)
-    key = hashlib.sha256(json.dumps(to_dict(cfg.features), sort_keys=True).encode()).hexdigest()[
-        :12
-    ]
-    spec_dir = shards / "_features" / key
-    if not (spec_dir / "feature_spec.json").exists():
-        run_stats(str(shards), str(spec_dir), cfg.features)
-    return shards, spec_dir, index
+    index = read_index(shards.url)
+    blob = json.dumps({"spec": FORMAT_VERSION, **to_dict(cfg.features)}, sort_keys=True)
+    spec_dir = shards.child("_features").url_of(hashlib.sha256(blob.encode()).hexdigest()[:12])
+    if not Store(spec_dir).exists("feature_spec.json"):
+        run_stats(shards.url, spec_dir, cfg.features)
+    return shards.url, spec_dir, index
 
 
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    verbose = os.environ.get("RAVFM_VERBOSE", "") not in ("", "0")
-    env = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
-    try:
-        ray.init(
-            address=address,
-            include_dashboard=False if address is None else None,
-            log_to_driver=verbose,
-            logging_level="ERROR",
-            runtime_env=env,
-        )
-    except ConnectionError as e:
+def with_task(cfg: RunConfig, spec: Any) -> RunConfig:
+    """cfg with model.task set from the feature spec, which knows the labels (ratings or
+    clicks); a config that names the other task is refused."""
+    if cfg.model.task not in ("auto", spec.task):
         raise UserError(
-            f"cannot reach the Ray cluster at {address}: {e}; start it with "
-            "`ray start --head` or drop --address to run locally"
-        ) from None
+            f"model.task={cfg.model.task} but the {spec.dataset} data holds "
+            f"{'ratings' if spec.task == 'regression' else 'click labels'} (task {spec.task}, "
+            "found by `ravfm stats`); drop model.task or pass data of that kind"
+        )
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, task=spec.task))
+
+
+def local_threads(cfg: RunConfig) -> int:
+    """Threads of a one-process run: train.cpus_per_worker, else every CPU this process may use."""
+    from ravfm.settings import local_cpus
+
+    if cfg.train.cpus_per_worker:
+        return max(1, int(cfg.train.cpus_per_worker))
+    return local_cpus()
 
 
 def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> dict[str, Any]:
@@ -108,162 +112,98 @@ def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> dict[str, Any]:
             f"train.num_workers={workers} x {per} CPUs exceeds the cluster's {cpus:g} "
             "CPUs; lower train.num_workers or train.cpus_per_worker"
         )
+    if not cfg.train.use_gpu and cpus - workers * per < 0.25:
+        raise UserError(
+            f"train.num_workers={workers} x {per:g} CPUs takes all {cpus:g} CPUs of the cluster "
+            "and leaves none to Ray Data's reading and hashing (the run would wait forever); "
+            "lower train.cpus_per_worker or train.num_workers"
+        )
     # torch threads = the worker's own CPUs, never more: Ray Data's tasks run on the others,
     # and an intra-op thread pool that shares a core with them stalls at every barrier
     # (measured: FM k=16 on 2 CPUs, 2 threads beside one busy process 24k samples/s, 1 thread
     # 177k).
     threads = max(1, int(per))
-    return {
-        "num_workers": workers,
-        "cpus_per_worker": per,
-        "threads": threads,
-        "use_gpu": cfg.train.use_gpu,
-    }
+    return {"num_workers": workers, "cpus_per_worker": per, "threads": threads,
+            "use_gpu": cfg.train.use_gpu}  # fmt: skip
 
 
-class _Progress(threading.Thread):
-    """Prints one updating line from progress.json while workers train."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(daemon=True)
-        self.path, self.stop_event = path, threading.Event()
-        self.tty = sys.stderr.isatty()
-
-    def run(self) -> None:
-        last_line, last_print = "", 0.0
-        while not self.stop_event.wait(1.0):
-            try:
-                p = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                continue
-            done = p.get("epoch_done")
-            m = (done or {}).get("valid") or p.get("train_rank0") or {}
-            where = "valid" if done else "train"
-            frac = 1.0 if done else min(1.0, p.get("epoch_step", 0) / max(1, p["steps_per_epoch"]))
-            line = (
-                f"epoch {p['epoch'] + 1}/{p['epochs']} step {p['step']:,} "
-                f"({100 * frac:3.0f}% of epoch) {p['samples_per_s']:,.0f} samples/s {where} "
-                + " ".join(
-                    f"{k} {m[k]:.4f}"
-                    for k in ("logloss", "auc", "rmse")
-                    if isinstance(m.get(k), float)
-                )
-            )
-            if self.tty:
-                sys.stderr.write("\r" + line[:150].ljust(150))
-                sys.stderr.flush()
-            elif line != last_line and time.time() - last_print > 30:
-                _say(line)
-                last_print = time.time()
-            last_line = line
-        if self.tty:
-            sys.stderr.write("\n")
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(timeout=5)
+def _engine(cfg: RunConfig, address: str | None) -> str:
+    """local (this process, no Ray) or ray."""
+    if cfg.train.engine != "auto":
+        return cfg.train.engine
+    if ray_address(address) is not None:
+        return "ray"
+    workers = cfg.train.num_workers or (1 if cfg.train.use_gpu else max(1, local_threads(cfg) // 4))
+    return "local" if workers == 1 else "ray"
 
 
-def train(cfg: RunConfig, *, address: str | None = None, resume: str | None = None) -> dict:
-    """Train `cfg` end to end; returns the summary (also in runs/NAME/summary.json)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from ravfm.features.spec import FeatureSpec
-    from ravfm.ingest import hashed_dataset, quiet_data_context
-    from ravfm.train.worker import train_fn
-
-    if resume is not None and not Path(resume).exists():
+def _check_start(cfg: RunConfig, resume: str | None, init: str | None) -> None:
+    """Before any work: where the run goes, and that what it starts from exists."""
+    for url in (cfg.runs_dir, cfg.data.shards):
+        if url and is_url(url) and not url.startswith("file://"):
+            Store(url)  # a storage URL whose backend is missing is one line, not a traceback
+    if resume is not None and init is not None:
         raise UserError(
-            f"--resume {resume} does not exist; pass runs/NAME/checkpoints or a step-* dir"
+            "pass either --resume (continue a run) or --init-from (a new run), not both"
         )
-    ckpts = Path(cfg.run_dir) / "checkpoints"
-    if resume is None and any(ckpts.glob("step-*")):
+    for flag, path in (("--resume", resume), ("--init-from", init)):
+        if path is not None and not Store(path).exists():
+            raise UserError(
+                f"{flag} {path} does not exist; pass runs/NAME/checkpoints or a step-* dir"
+            )
+    ckpts = Store(cfg.run_dir).child("checkpoints")
+    if resume is None and any(n.startswith("step-") for n in ckpts.list()):
         raise UserError(
-            f"{cfg.run_dir} already holds checkpoints; pass --resume {ckpts} to continue "
+            f"{cfg.run_dir} already holds checkpoints; pass --resume {ckpts.url} to continue "
             "that run, or choose another name=... (or delete the directory)"
         )
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    address: str | None = None,
+    resume: str | None = None,
+    init: str | None = None,
+    reset_optimizer: bool = False,
+) -> dict:
+    """Train `cfg` end to end; returns the summary (also in RUN_DIR/summary.json)."""
+    from ravfm.features.spec import FeatureSpec
+    from ravfm.features.stream import split_groups
+    from ravfm.train.start import check_start_checkpoint
+
+    t0 = time.time()
+    _check_start(cfg, resume, init)
     shards, spec_dir, index = prepare_data(cfg)
     spec = FeatureSpec.load(spec_dir)
-    if resume is not None:
-        _check_resume(resume, cfg, spec)
-    init_ray(address)
-    quiet_data_context()
-    plan = plan_workers(cfg, ray.cluster_resources())
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    n_train = int(index["splits"]["train"]["rows"])
-    paths = {split: split_paths(shards, split) for split in ("train", "valid", "test")}
-    if not paths["train"]:
+    cfg = with_task(cfg, spec)
+    for path in (resume, init):
+        if path is not None:
+            check_start_checkpoint(path, cfg, spec, warm=path is init)
+    groups = {s: split_groups(shards, index, s, spec) for s in ("train", "valid", "test")}
+    n_train = sum(g.rows for g in groups["train"])
+    if not n_train:
         raise UserError(f"{shards} has no train rows; check data.split and the source")
-    datasets = {  # a standard split (MovieLens u1..u5) has no valid part: it is simply absent
-        split: hashed_dataset(p, spec, shuffle_seed=cfg.seed if split == "train" else None)
-        for split, p in paths.items()
-        if p
-    }
-    _say(
-        f"ravfm: training {cfg.model.name} on {cfg.data.dataset} ({n_train:,} train rows, "
-        f"{spec.num_fields} fields, {spec.num_rows:,} table rows) with {plan['num_workers']} "
-        f"worker(s) x {plan['cpus_per_worker']:g} CPU, embedding {cfg.embedding.sharding}; run dir {run_dir}"
+    run_dir = Store(cfg.run_dir)
+    run_dir.write_json("config.json", to_dict(cfg))
+    job = {"cfg": cfg, "spec_dir": spec_dir, "run_dir": run_dir.url, "groups": groups,
+           "n_train": n_train, "resume": resume, "init": init, "reset_optimizer": reset_optimizer,
+           "threads": local_threads(cfg)}  # fmt: skip
+    where = (
+        f"{cfg.model.name} on {cfg.data.dataset} ({n_train:,} train rows, {spec.num_fields} "
+        f"fields, {spec.num_rows:,} table rows); run dir {run_dir.url}"
     )
-    trainer = TorchTrainer(
-        train_fn,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "spec_dir": str(spec_dir.resolve()),
-            "run_dir": str(run_dir),
-            "resume": resume,
-            "threads": plan["threads"],
-            "n_train": n_train,
-            "splits": sorted(datasets),
-            "invocation": uuid.uuid4().hex,
-            "fault": {k: v for k, v in os.environ.items() if k.startswith("RAVFM_FAULT_")},
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=plan["num_workers"],
-            use_gpu=plan["use_gpu"],
-            resources_per_worker={"CPU": plan["cpus_per_worker"]},
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=str(run_dir / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-        ),
-        datasets=datasets,
-    )
-    progress = _Progress(run_dir / "progress.json")
-    progress.start()
-    t0 = time.time()
-    try:
-        trainer.fit()
-    except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause
-        progress.stop()
-        root = e.__cause__ or e
-        if isinstance(root, UserError):
-            raise UserError(str(root)) from None
-        raise
-    progress.stop()
-    summary = json.loads((run_dir / "summary.json").read_text())
+    if _engine(cfg, address) == "local":
+        from ravfm.train.local import train_local
+
+        summary = train_local(job, where)
+    else:
+        from ravfm.train.launch import train_on_ray
+
+        summary = train_on_ray(job, where, address, plan_workers)
     summary["wall_seconds"] = time.time() - t0
     _print_summary(summary)
     return summary
-
-
-def _check_resume(resume: str, cfg: RunConfig, spec: Any) -> None:
-    from ravfm.features.spec import FeatureSpec
-    from ravfm.storage import Store
-    from ravfm.train.checkpoint import read_manifest
-
-    meta = read_manifest(resume)
-    FeatureSpec.load(Store(meta["path"]).url_of("spec")).check_compatible(spec)
-    saved = meta["config"]["model"]
-    for key in ("name", "k", "task"):
-        if saved.get(key) != getattr(cfg.model, key):
-            raise UserError(
-                f"checkpoint {meta['path']} has model.{key}={saved.get(key)!r} but this "
-                f"run has {getattr(cfg.model, key)!r}; resume with the same model settings"
-            )
 
 
 def _print_summary(summary: dict) -> None:
@@ -283,41 +223,37 @@ def _print_summary(summary: dict) -> None:
                 )
             )
     for key in ("test", "test_low"):
-        if key in summary:
+        if summary.get(key):
             m = summary[key]
             rows.append(("final", key, *(_fmt(m.get(k)) for k in ("logloss", "auc", "rmse")), ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    best = summary.get("restored_best")
+    if best:
+        print(
+            f"test metrics and the final checkpoint are from epoch {best['epoch'] + 1}, the best on valid"
+        )
 
 
 def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.5f}"
 
 
-def evaluate(
-    checkpoint: str, *, split: str = "test", shards: str | None = None, address: str | None = None
-) -> dict:
-    """Metrics of `checkpoint` on `split`, computed in this process over a Ray Data stream."""
-    import torch
-
-    from ravfm.batch import from_numpy
-    from ravfm.ingest import hashed_dataset, quiet_data_context
-    from ravfm.metrics import MetricState
+def evaluate(checkpoint: str, *, split: str = "test", shards: str | None = None) -> dict:
+    """Metrics of `checkpoint` on `split` of its shards (or `shards`), in this process."""
+    from ravfm.features.stream import split_groups
+    from ravfm.storage import dumps
     from ravfm.train.checkpoint import load_model
+    from ravfm.train.local import evaluate_local
 
     model, spec, meta = load_model(checkpoint)
-    shards = (
-        shards or meta["config"]["data"]["shards"] or str(Path("data") / meta["config"]["name"])
-    )
-    init_ray(address)
-    quiet_data_context()
-    ds = hashed_dataset(split_paths(shards, split), spec)
-    state = MetricState(meta["task"])
-    with torch.no_grad():
-        for arrays in ds.iter_batches(batch_size=65536, batch_format="numpy"):
-            b = from_numpy(arrays)
-            state.update(model.predict(b.ids, b.values).float(), b.label, meta["task"])
-    metrics = state.compute()
-    print(json.dumps({"checkpoint": meta["path"], "split": split, **metrics}, default=float))
+    cfg = meta["config"]
+    shards = shards or cfg["data"]["shards"] or f"data/{cfg['name']}"
+    index = read_index(shards)
+    if split not in index["splits"]:
+        raise UserError(f"{shards}: no split {split!r}; choose one of {', '.join(index['splits'])}")
+    groups = split_groups(shards, index, split, spec)
+    metrics = evaluate_local(model, spec, groups, meta["task"], local_threads(RunConfig()))
+    print(dumps({"checkpoint": meta["path"], "split": split, **metrics}, indent=None))
     return metrics

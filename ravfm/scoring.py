@@ -86,7 +86,7 @@ def resolve_input(src: str, dataset: str, tmp_root: Path) -> tuple[list[str], bo
 def _parts(paths: list[str], rows_per_part: int) -> list[dict]:
     """Work items in input order: each a run of whole row groups of one file, ~rows_per_part
     rows, named part-FFFFF-CCCC.parquet so name order is input order."""
-    from ravfm.ingest import row_groups
+    from ravfm.features.stream import row_groups
 
     items = []
     for i, path in enumerate(paths):
@@ -94,8 +94,8 @@ def _parts(paths: list[str], rows_per_part: int) -> list[dict]:
         rows = 0
         file_groups = row_groups([path])
         for g in file_groups:
-            groups.append(g["group"])
-            rows += g["rows"]
+            groups.append(g.group)
+            rows += g.rows
             if rows >= rows_per_part or g is file_groups[-1]:
                 items.append(
                     {
@@ -220,12 +220,12 @@ def score(
     """
     import ray
 
-    from ravfm.driver import init_ray
+    from ravfm.connect import init_ray
     from ravfm.features.spec import FeatureSpec
     from ravfm.features.transform import check_schema
-    from ravfm.ingest import quiet_data_context
     from ravfm.storage import Store
     from ravfm.train.checkpoint import read_manifest
+    from ravfm.train.worker import quiet_data_context
 
     t0, wall0 = time.perf_counter(), time.time()
     if batch_size < 1 or num_actors < 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["shared_data_dir", "in_ci"]
+__all__ = ["shared_data_dir", "in_ci", "local_cpus"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,3 +17,10 @@ def shared_data_dir() -> Path:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def local_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -29,6 +29,7 @@ __all__ = [
     "submit",
     "resolve_address",
     "find_auth_token",
+    "auth_error",
     "build_entrypoint",
     "build_runtime_env",
     "project_root",
@@ -155,7 +156,7 @@ def _client_env():
         os.environ.update(saved)
 
 
-def _auth_error(address: str, token: str | None, source: str) -> UserError:
+def auth_error(address: str, token: str | None, source: str) -> UserError:
     if token is None:
         return UserError(
             f"the Ray cluster at {address} requires an authentication token and "
@@ -188,7 +189,7 @@ def _translate_errors(address: str, token: str | None, source: str):
     try:
         yield
     except AuthenticationError as e:
-        raise _auth_error(address, token, source) from e
+        raise auth_error(address, token, source) from e
     except ConnectionError as e:
         raise UserError(
             f"cannot reach the Ray dashboard at {address}; check --address (the "
@@ -197,7 +198,7 @@ def _translate_errors(address: str, token: str | None, source: str):
         ) from e
     except Exception as e:  # aiohttp's WSServerHandshakeError on the log stream, among others
         if _status_code(e) in (401, 403):
-            raise _auth_error(address, token, source) from e
+            raise auth_error(address, token, source) from e
         raise
 
 

@@ -24,7 +24,7 @@ def ray_local():
     """A local Ray cluster for one test module, shut down after it."""
     import ray
 
-    from ravfm.driver import init_ray
+    from ravfm.connect import init_ray
 
     init_ray(None)
     yield

@@ -13,7 +13,8 @@ from ravfm.distributed.embedding import table_factory
 from ravfm.distributed.optim import build_optimizers
 from ravfm.distributed.world import World
 from ravfm.model.fm import FM
-from ravfm.train.loop import Position, Trainer, improved, lr_factor
+from ravfm.train.loop import improved
+from ravfm.train.step import Position, Trainer, lr_factor
 
 
 def test_lr_factor_warms_up_then_follows_the_schedule():

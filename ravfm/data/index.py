@@ -23,6 +23,7 @@ __all__ = [
     "REJECTS_DIR",
     "SPLITS",
     "read_index",
+    "shard_url",
     "split_paths",
     "write_index",
 ]
@@ -35,6 +36,11 @@ SPLITS = ("train", "valid", "test")
 
 def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
+
+
+def shard_url(shards_dir: str | os.PathLike, name: str) -> str:
+    """The path (or URL) of `name` (relative to the index) in shards_dir."""
+    return _join(shards_dir, name)
 
 
 def _join(shards_dir: str | os.PathLike, name: str) -> str:

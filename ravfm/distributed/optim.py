@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ravfm.config import OptimConfig
 from ravfm.distributed.rows import LocalRows, SparseGrad
 from ravfm.errors import UserError
-from ravfm.model.layers import is_table
+from ravfm.model.layers import dense_parameters, is_table
 
 __all__ = ["SparseOptimizer", "SparseSGD", "SparseAdagrad", "SparseAdam", "build_optimizers"]
 
@@ -277,8 +277,7 @@ def build_optimizers(
         sparse = SparseAdam(tables, cfg.lr, cfg.betas, cfg.eps)
     else:
         sparse = SparseSGD(tables, cfg.lr)
-    in_tables = {id(p) for t in tables.values() for p in t.parameters()}
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in in_tables]
+    dense = dense_parameters(model)
     if not dense:
         return sparse, None
     if cfg.dense == "adam":

@@ -23,6 +23,7 @@ __all__ = [
     "pairwise",
     "pairwise_from_sums",
     "is_table",
+    "dense_parameters",
     "count_params",
 ]
 
@@ -87,6 +88,12 @@ def pairwise_from_sums(s: Tensor, q: Tensor) -> Tensor:
 def is_table(module: nn.Module) -> bool:
     """True for an embedding-table module (anything exporting rows by global id)."""
     return hasattr(module, "export_rows") and hasattr(module, "num_rows") and hasattr(module, "dim")
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters outside every embedding table (bias, VFM priors, ...)."""
+    in_tables = {id(p) for m in model.modules() if is_table(m) for p in m.parameters()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in in_tables]
 
 
 def count_params(model: nn.Module) -> int:

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ravfm.errors import UserError
+from ravfm.model.layers import is_table
 from ravfm.storage import Store, verify_files
 
 __all__ = [
@@ -55,12 +56,8 @@ _PREFIX = "step-"
 
 
 def table_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Embedding tables of `model` by module path (anything with export_rows/import_rows)."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if hasattr(m, "export_rows") and hasattr(m, "import_rows")
-    }
+    """Embedding tables of `model` by module path (ravfm.model.layers.is_table)."""
+    return {name: m for name, m in model.named_modules() if is_table(m)}
 
 
 def dense_state(model: nn.Module) -> dict[str, torch.Tensor]:

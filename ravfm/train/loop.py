@@ -1,76 +1,38 @@
-"""The training loop: plain PyTorch over any iterable of Batches; no Ray here.
+"""The epoch loop of one rank, the same in one process and in a Ray Train worker; no Ray here.
 
-One step: model.loss -> backward -> all-reduce dense gradients -> clip -> sparse and dense
-optimizer steps -> metric sums. Every rank runs the same number of steps (`lockstep`), since a
-row-sharded table makes every forward pass a collective.
+`fit(run)`: build the model and optimizers, start from the newest checkpoint of the run (or the
+one to resume from), then for each epoch: train (skipping the rows a mid-epoch checkpoint had
+already trained), merge the train metrics, evaluate on valid, keep the history and the best
+epoch, checkpoint, and stop early when the validation metric stopped improving. At the end the
+weights of the best validation epoch are restored (and written as the final checkpoint), and
+the test split is evaluated with them. Returns the run summary (rank 0 also writes it).
+
+A host supplies what differs: the world, a Feed (how rows reach this rank), and hooks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ravfm.batch import Batch
-from ravfm.config import OptimConfig
-from ravfm.distributed.dense import all_reduce_dense_grads
+from ravfm.config import RunConfig, to_dict
+from ravfm.distributed.optim import build_optimizers
 from ravfm.distributed.world import World
-from ravfm.metrics import MetricState
+from ravfm.storage import Store
+from ravfm.train.checkpoint import latest_checkpoint, load_checkpoint, load_seen, save_checkpoint
+from ravfm.train.feed import Feed
+from ravfm.train.setup import build_for_training, early_stopping_metric
+from ravfm.train.step import Position, Trainer, merged
+from ravfm.train.telemetry import Telemetry
 
-__all__ = ["Position", "Trainer", "lockstep", "lr_factor", "improved"]
-
-
-@dataclass
-class Position:
-    """Where training stands: the data position that a checkpoint records."""
-
-    epoch: int = 0  # current epoch (0-based)
-    step: int = 0  # optimizer steps over the whole run
-    epoch_samples: int = 0  # samples this rank trained in the current epoch
-    seen: list[np.ndarray] = field(default_factory=list)  # row numbers consumed this epoch
-
-    def seen_rows(self) -> np.ndarray:
-        return np.concatenate(self.seen) if self.seen else np.zeros(0, dtype=np.int64)
-
-    def next_epoch(self) -> None:
-        self.epoch += 1
-        self.epoch_samples = 0
-        self.seen = []
-
-
-def lockstep(batches: Iterable[Batch], world: World, empty: Batch) -> Iterator[Batch]:
-    """Yield batches until every rank has run out; a rank that runs out first yields `empty`
-    (B = 0) so it still joins the collectives of the others' steps. One MAX all-reduce per step
-    when W > 1, so no rank leaves a row-sharded forward pass alone."""
-    it = iter(batches)
-    while True:
-        batch = next(it, None)
-        if world.size > 1:
-            flag = torch.tensor([0.0 if batch is None else 1.0])
-            world.all_reduce_(flag, op="max")
-            if flag.item() == 0.0:
-                return
-        elif batch is None:
-            return
-        yield empty if batch is None else batch
-
-
-def lr_factor(step: int, total_steps: int, epoch: int, cfg: OptimConfig) -> float:
-    """Multiplier of the base learning rate: linear warm-up, then constant, cosine or step."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "cosine" and total_steps > cfg.warmup_steps:
-        t = min(1.0, (step - cfg.warmup_steps) / (total_steps - cfg.warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-    if cfg.schedule == "step":
-        return cfg.step_gamma**epoch
-    return 1.0
+__all__ = ["Run", "fit", "improved", "checkpoint_name"]
 
 
 def improved(metric: str, new: float, best: float | None) -> bool:
@@ -79,120 +41,222 @@ def improved(metric: str, new: float, best: float | None) -> bool:
     return new > best if metric == "auc" else new < best
 
 
-def _set_lr(opt: object, lr: float) -> None:
-    if opt is None:
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+@dataclass
+class Run:
+    """What the epoch loop needs from its host.
+
+    resume: a checkpoint to start from when the run has none of its own; init: a checkpoint
+    whose weights start a new run (warm start; its optimizer state too unless reset_optimizer);
+    on_step(position): after every step (fault injection); on_restore(meta, history): after
+    a checkpoint was loaded (the Ray worker records restarts); show: prints progress lines."""
+
+    cfg: RunConfig
+    spec_dir: str
+    run_dir: str
+    world: World
+    feed: Feed
+    n_train: int
+    resume: str | None = None
+    init: str | None = None
+    reset_optimizer: bool = False
+    on_step: Callable[[Position], None] | None = None
+    on_restore: Callable[[dict, dict], None] | None = None
+    show: Callable[[str], None] | None = None
+    extra_summary: dict = dataclasses.field(default_factory=dict)
+
+
+class _State:
+    """The model, its optimizers and the loop's position and history on this rank."""
+
+    def __init__(self, run: Run) -> None:
+        cfg, world = run.cfg, run.world
+        self.model, self.spec = build_for_training(cfg, run.spec_dir, world, n_train=run.n_train)
+        self.sparse_opt, self.dense_opt = build_optimizers(self.model, cfg.optim)
+        per_step = cfg.train.batch_size * world.size
+        self.steps_per_epoch = max(1, math.ceil(run.n_train / per_step))
+        self.trainer = Trainer(
+            self.model, self.sparse_opt, self.dense_opt, world, task=cfg.task, optim=cfg.optim,
+            num_fields=self.spec.num_fields, bf16=cfg.train.bf16,
+            total_steps=self.steps_per_epoch * cfg.train.epochs,
+        )  # fmt: skip
+        self.position = Position(track_rows=cfg.train.checkpoint_every > 0)
+        self.history: dict[str, Any] = {}
+        self.skip: np.ndarray | None = None
+        self.started_from: dict | None = None
+
+    def load(self, path: str, *, optimizers: bool = True) -> dict:
+        return load_checkpoint(
+            path,
+            model=self.model,
+            sparse_opt=self.sparse_opt if optimizers else None,
+            dense_opt=self.dense_opt if optimizers else None,
+        )
+
+
+def _agree(world: World, value: Any) -> Any:
+    """Rank 0's value on every rank (every rank must load the same checkpoint)."""
+    return world.broadcast_object(value)
+
+
+def _restore(run: Run, st: _State) -> None:
+    """Continue the run's own newest checkpoint, else --resume; or warm-start from --init-from."""
+    start = None
+    if run.world.rank == 0:
+        start = latest_checkpoint(Store(run.run_dir).url_of("checkpoints"))
+        if start is None and run.resume:
+            start = latest_checkpoint(run.resume)
+    start = _agree(run.world, start)
+    if start:
+        meta = st.load(start)
+        pos = meta["position"]
+        st.position.epoch, st.position.step = pos["epoch"], pos["step"]
+        st.history = meta.get("history", {})
+        if pos.get("mid_epoch"):
+            st.skip = load_seen(meta)
+            if run.world.rank == 0:  # the union of all ranks' seen rows, counted once
+                st.position.epoch_samples = int(st.skip.size)
+                if st.position.track_rows:
+                    st.position.seen = [st.skip]
+        st.started_from = {"resumed_from": meta["path"], "step": pos["step"]}
+        if run.on_restore is not None:
+            run.on_restore(meta, st.history)
+    elif run.init:
+        meta = st.load(run.init, optimizers=not run.reset_optimizer)
+        st.started_from = {
+            "init_from": meta["path"],
+            "init_step": meta["step"],
+            "reset_optimizer": run.reset_optimizer,
+        }
+        st.history["init_from"] = st.started_from
+
+
+def _checkpoint(run: Run, st: _State, mid_epoch: bool, protect: tuple[str, ...] = ()) -> str:
+    pos = st.position
+    manifest = {
+        "epoch": pos.epoch,
+        "position": {"epoch": pos.epoch, "step": pos.step, "mid_epoch": mid_epoch},
+        "config": to_dict(run.cfg),
+        "task": run.cfg.task,
+        "n_train": run.n_train,
+        "model": run.cfg.model.name,
+        "history": st.history,
+    }
+    return save_checkpoint(
+        Store(run.run_dir).url_of("checkpoints"),
+        pos.step,
+        model=st.model,
+        sparse_opt=st.sparse_opt,
+        dense_opt=st.dense_opt,
+        world=run.world,
+        manifest=manifest,
+        spec_dir=run.spec_dir,
+        seen=pos.seen_rows() if mid_epoch else None,
+        keep=run.cfg.train.keep_checkpoints,
+        protect=protect,
+    )
+
+
+def _world_sum(world: World, n: int) -> int:
+    t = torch.tensor([float(n)], dtype=torch.float64, device=world.device)
+    world.all_reduce_(t)
+    return int(t.item())
+
+
+def _epoch(run: Run, st: _State, telemetry: Telemetry) -> bool:
+    """Train and validate one epoch; returns True when training should stop."""
+    cfg, world, pos = run.cfg, run.world, st.position
+
+    def on_step(p: Position, state: Any, seconds: float) -> bool:
+        telemetry.step(p, state, seconds)
+        if run.on_step is not None:
+            run.on_step(p)
+        if cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
+            _checkpoint(run, st, mid_epoch=True, protect=_best(st))
+        return bool(cfg.train.max_steps and p.step >= cfg.train.max_steps)
+
+    t0 = time.perf_counter()
+    state = st.trainer.fit_epoch(run.feed.train(pos.epoch, st.skip), pos, on_step)
+    train_metrics = merged(state, world).compute()
+    seconds = time.perf_counter() - t0
+    batches = run.feed.evaluate("valid")
+    valid = st.trainer.evaluate(batches) if batches is not None else {}
+    st.skip = None
+    record = {
+        "epoch": pos.epoch,
+        "train": train_metrics,
+        "valid": valid,
+        "seconds": seconds,
+        "first_batch_seconds": st.trainer.first_batch_seconds or 0.0,
+        "seen": _world_sum(world, pos.epoch_samples),
+    }
+    st.history.setdefault("epochs", []).append(record)
+    telemetry.epoch(pos, record)
+    metric = early_stopping_metric(cfg)
+    value, h = valid.get(metric), st.history
+    if value is not None and improved(metric, value, h.get("best")):
+        h.update(best=value, best_epoch=pos.epoch, bad_epochs=0)
+        h["best_checkpoint"] = checkpoint_name(pos.step)  # the one written just below
+    elif value is not None:
+        h["bad_epochs"] = h.get("bad_epochs", 0) + 1
+    pos.next_epoch()
+    _checkpoint(run, st, mid_epoch=False, protect=_best(st))
+    patience = cfg.train.early_stopping_patience
+    return bool(cfg.train.max_steps and pos.step >= cfg.train.max_steps) or bool(
+        patience and h.get("bad_epochs", 0) >= patience
+    )
+
+
+def _best(st: _State) -> tuple[str, ...]:
+    name = st.history.get("best_checkpoint")
+    return (name,) if name else ()
+
+
+def _restore_best(run: Run, st: _State) -> None:
+    """Load the best validation epoch's weights when a later epoch ended the run, and write
+    them as the final checkpoint (the newest, so score and eval pick it)."""
+    h, epochs = st.history, st.history.get("epochs", [])
+    if h.get("best_epoch") is None or not epochs or epochs[-1]["epoch"] == h["best_epoch"]:
         return
-    if hasattr(opt, "param_groups"):
-        for g in opt.param_groups:
-            g["lr"] = lr
-    else:
-        opt.lr = lr
+    best = Store(run.run_dir).child("checkpoints").url_of(h["best_checkpoint"])
+    st.load(best)
+    h["restored_best"] = {"epoch": h["best_epoch"], "checkpoint": h["best_checkpoint"]}
+    _checkpoint(run, st, mid_epoch=False, protect=_best(st))
 
 
-class Trainer:
-    """Model, optimizers and world for one rank; `fit_epoch` and `evaluate` are the loop."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        sparse_opt: object,
-        dense_opt: object,
-        world: World,
-        *,
-        task: str,
-        optim: OptimConfig,
-        num_fields: int,
-        bf16: bool = False,
-        total_steps: int = 0,
-    ) -> None:
-        self.empty = Batch(
-            torch.zeros(0, num_fields, dtype=torch.int64),
-            torch.zeros(0, num_fields),
-            torch.zeros(0),
-            torch.zeros(0, dtype=torch.int64),
-        )
-        self.model, self.sparse_opt, self.dense_opt = model, sparse_opt, dense_opt
-        self.world, self.task, self.optim, self.total_steps = world, task, optim, total_steps
-        use_bf16 = bf16 and world.device.type == "cuda"
-        self._autocast = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-        )
-        self._dense = [
-            p for n, p in model.named_parameters() if p.requires_grad and not _is_table(model, n)
-        ]
-
-    def step(self, batch: Batch, position: Position) -> torch.Tensor:
-        """One optimizer step on `batch`; returns the raw outputs (B,) for metrics."""
-        factor = lr_factor(position.step, self.total_steps, position.epoch, self.optim)
-        _set_lr(self.sparse_opt, self.optim.lr * factor)
-        _set_lr(self.dense_opt, self.optim.dense_lr * factor)
-        self.model.train()
-        for p in self._dense:
-            p.grad = None
-        with self._autocast():
-            loss, raw = self.model.loss(batch, self.task)
-        if len(batch) == 0:  # padding step of a rank that ran out: join collectives, change nothing
-            loss = torch.nan_to_num(loss) * 0.0
-        loss.backward()
-        all_reduce_dense_grads(self.model, self.world)
-        if self.optim.clip_norm > 0 and self._dense:
-            torch.nn.utils.clip_grad_norm_(self._dense, self.optim.clip_norm)
-        self.sparse_opt.step()
-        if self.dense_opt is not None:
-            self.dense_opt.step()
-        position.step += 1
-        position.epoch_samples += len(batch)
-        return raw.detach()
-
-    def fit_epoch(
-        self,
-        batches: Iterable[Batch],
-        position: Position,
-        on_step: Callable[[Position, MetricState, float], bool] | None = None,
-    ) -> MetricState:
-        """Train over `batches` once (lockstep across ranks). `on_step(position, metrics,
-        seconds)` runs after every step and may return True to stop early (same on all ranks)."""
-        state = MetricState(self.task)
-        start = time.perf_counter()
-        self.first_batch_seconds = None  # the stream's start-up latency (Ray Data planning)
-        for batch in lockstep(batches, self.world, self.empty):
-            if self.first_batch_seconds is None:
-                self.first_batch_seconds = time.perf_counter() - start
-            batch = batch.to(self.world.device, non_blocking=True)
-            raw = self.step(batch, position)
-            state.update(raw.float(), batch.label, self.task)
-            if batch.row is not None and len(batch):
-                position.seen.append(batch.row.cpu().numpy())
-            if on_step is not None and on_step(position, state, time.perf_counter() - start):
-                break
-        return state
-
-    @torch.no_grad()
-    def evaluate(self, batches: Iterable[Batch], low: bool = False) -> dict:
-        """Metrics over `batches` merged across ranks (sums all-reduced, computed once)."""
-        self.model.eval()
-        state = MetricState(self.task)
-        for batch in lockstep(batches, self.world, self.empty):
-            batch = batch.to(self.world.device, non_blocking=True)
-            raw = (
-                self.model.predict(batch.ids, batch.values, low=True)
-                if low
-                else self.model.predict(batch.ids, batch.values)
-            )
-            state.update(raw.float(), batch.label, self.task)
-        return merged(state, self.world).compute()
-
-
-def merged(state: MetricState, world: World) -> MetricState:
-    """The sum of every rank's metric state (an all-reduce of its sufficient statistics)."""
-    if world.size == 1:
-        return state
-    vec = state.to_tensor()
-    world.all_reduce_(vec)
-    return MetricState.from_tensor(vec, state.task)
-
-
-def _is_table(model: nn.Module, param_name: str) -> bool:
-    prefix = param_name.rsplit(".", 1)[0]
-    module = model.get_submodule(prefix) if "." in param_name else model
-    return hasattr(module, "export_rows")
+def fit(run: Run) -> dict:
+    """Train `run` to the end on this rank (all ranks call it); returns the summary."""
+    cfg = run.cfg
+    st = _State(run)
+    _restore(run, st)
+    telemetry = Telemetry(
+        run.run_dir, cfg, run.world, steps_per_epoch=st.steps_per_epoch,
+        start=st.started_from or {}, show=run.show,
+    )  # fmt: skip
+    while st.position.epoch < cfg.train.epochs:
+        if _epoch(run, st, telemetry):
+            break
+    _restore_best(run, st)
+    batches = run.feed.evaluate("test")
+    test = st.trainer.evaluate(batches) if batches is not None else {}
+    summary = {
+        "name": cfg.name,
+        "model": cfg.model.name,
+        "task": cfg.task,
+        "world_size": run.world.size,
+        "test": test,
+        "epochs": st.history.get("epochs", []),
+        "best_valid": st.history.get("best"),
+        "best_epoch": st.history.get("best_epoch"),
+        "restored_best": st.history.get("restored_best"),
+        "restarts": st.history.get("restarts", []),
+        "started_from": st.started_from,
+        "num_rows": st.spec.num_rows,
+        **run.extra_summary,
+    }
+    if cfg.model.name == "rafm" and batches is not None:
+        summary["test_low"] = st.trainer.evaluate(run.feed.evaluate("test"), low=True)
+    return telemetry.finish(summary)

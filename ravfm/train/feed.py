@@ -1,0 +1,88 @@
+"""A rank's batches: which rows it trains on each epoch, and which it evaluates, as Batches.
+
+`Feed` deals each split's row groups to the ranks (ravfm.features.stream.rank_groups), has
+them read and hashed by an executor, and cuts the blocks into shuffled, fixed-size batches
+(`rebatch`). The executor is the only thing that differs between hosts: a thread pool in this
+process (`thread_blocks`) or Ray Data tasks across a cluster (ravfm.train.worker); both yield
+the same blocks in the same order, so they give the same batches and the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from ravfm.batch import Batch, from_numpy
+from ravfm.distributed.world import World
+from ravfm.features.spec import FeatureSpec
+from ravfm.features.stream import Block, RowGroup, rank_groups, rebatch, thread_blocks
+
+__all__ = ["Feed", "Blocks", "local_blocks"]
+
+Blocks = Callable[[list[RowGroup]], Iterator[Block]]
+
+
+def local_blocks(spec: FeatureSpec, threads: int) -> Blocks:
+    """An executor that reads and hashes row groups with `threads` threads of this process."""
+
+    def blocks(groups: list[RowGroup]) -> Iterator[Block]:
+        return thread_blocks(groups, spec, threads)
+
+    return blocks
+
+
+class Feed:
+    """Batches for one rank. groups: {split: row groups} (train, and valid / test when the
+    data has them); blocks: the executor that reads and hashes a list of row groups."""
+
+    def __init__(
+        self,
+        groups: dict[str, list[RowGroup]],
+        world: World,
+        blocks: Blocks,
+        *,
+        batch_size: int,
+        eval_batch_size: int,
+        shuffle_rows: int,
+        seed: int,
+    ) -> None:
+        self.groups, self.world, self.blocks = groups, world, blocks
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.shuffle_rows, self.seed = shuffle_rows, seed
+
+    def rows(self, split: str) -> int:
+        """Rows of `split` over all ranks (0 when the data has no such split)."""
+        return sum(g.rows for g in self.groups.get(split, ()))
+
+    def has(self, split: str) -> bool:
+        return self.rows(split) > 0
+
+    def train(self, epoch: int, skip: np.ndarray | None = None) -> Iterator[Batch]:
+        """This rank's training batches of `epoch` (a new row-group order and shuffle each
+        epoch), without the rows in `skip`."""
+        w = self.world
+        mine = rank_groups(self.groups["train"], w.rank, w.size, seed=self.seed, epoch=epoch)
+        for arrays in rebatch(
+            self.blocks(mine),
+            self.batch_size,
+            shuffle_rows=self.shuffle_rows,
+            seed=[self.seed, epoch, w.rank],
+            skip=skip,
+        ):
+            yield from_numpy(arrays)
+
+    def evaluate(self, split: str) -> Iterator[Batch] | None:
+        """This rank's share of `split` in file order, or None when the data has no such split."""
+        if not self.has(split):
+            return None
+        return self._eval(split)
+
+    def _eval(self, split: str) -> Iterator[Batch]:
+        mine = rank_groups(self.groups[split], self.world.rank, self.world.size)
+        for arrays in rebatch(self.blocks(mine), self.eval_batch_size):
+            yield from_numpy(arrays)
+
+    def describe(self) -> dict[str, Any]:
+        return {s: {"rows": self.rows(s), "row_groups": len(g)} for s, g in self.groups.items()}
