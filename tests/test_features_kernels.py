@@ -13,7 +13,13 @@ from ravfm.config import FeatureConfig
 from ravfm.data.schemas import CRITEO
 from ravfm.features import transform as T
 from ravfm.features.hashing import NULL_KEY, criteo_bucket_hashes, mix64
-from ravfm.features.kernels import FAST_INT_TYPES, arrow_int_column, hash_int_fields
+from ravfm.features.kernels import (
+    FAST_INT_TYPES,
+    arrow_int_column,
+    build_remap,
+    hash_int_fields,
+    remap_rows,
+)
 from ravfm.features.spec import build_spec
 
 
@@ -25,11 +31,14 @@ def _spec(hash_bits: int = 12):
 
 
 def _numpy_rows(x: np.ndarray, null: np.ndarray, f, kept) -> np.ndarray:
-    """The numpy path, step by step: key (null -> NULL_KEY), hash, mask, offset, fold."""
+    """The numpy path, step by step: key (null -> NULL_KEY), hash, mask, offset, then with
+    kept (sorted hashed rows) the compact row 1 + its position, or the field's OOV row."""
     keys = np.where(null, NULL_KEY, x.astype(np.int64))
     h = criteo_bucket_hashes(keys, f.seed) if f.kind == "numeric" else mix64(keys, f.seed)
     rows = (h & np.uint64(f.buckets - 1)).astype(np.int64) + f.offset
-    return rows if kept is None else np.where(kept[rows], rows, f.oov_row)
+    if kept is None:
+        return rows
+    return np.where(np.isin(rows, kept), 1 + np.searchsorted(kept, rows), f.oov_row)
 
 
 def _values(rng: np.random.Generator, t: pa.DataType, n: int) -> np.ndarray:
@@ -84,10 +93,10 @@ def test_kernel_folds_min_count_ids_into_the_oov_row():
     spec = _spec(hash_bits=8)
     f = next(f for f in spec.fields if f.kind == "categorical")
     rng = np.random.default_rng(3)
-    kept = rng.random(spec.num_rows) < 0.5
+    kept = np.flatnonzero(rng.random(spec.num_rows) < 0.5)
     x = rng.integers(0, 5000, 2000)
     ids = np.empty((2000, 1), np.int64)
-    hash_int_fields([arrow_int_column(pa.array(x, pa.int32()))], [f], [0], kept, ids)
+    hash_int_fields([arrow_int_column(pa.array(x, pa.int32()))], [f], [0], build_remap(kept), ids)
     want = _numpy_rows(x, np.zeros(2000, bool), f, kept)
     np.testing.assert_array_equal(ids[:, 0], want)
     assert (ids[:, 0] == f.oov_row).any() and (ids[:, 0] != f.oov_row).any()
@@ -142,4 +151,18 @@ def test_kernel_refuses_shapes_it_would_overrun():
     with pytest.raises(ValueError):
         hash_int_fields([col], [f], [1], None, np.empty((10, 1), np.int64))
     with pytest.raises(ValueError):
-        hash_int_fields([col], [f], [0], np.ones(3, bool), np.empty((10, 1), np.int64))
+        hash_int_fields([col], [f], [0], (np.ones(3), np.ones(3)), np.empty((10, 1), np.int64))
+
+
+def test_remap_table_equals_a_dictionary_for_any_fill():
+    """The open-addressing lookup against a plain dict: every kept row to 1 + its position, any
+    other row to the OOV row, padding to itself, at table loads up to one half."""
+    rng = np.random.default_rng(11)
+    for n in (0, 1, 7, 8, 1000, 50_000):
+        kept = np.unique(rng.integers(1, 1 << 40, n))
+        table = build_remap(kept)
+        assert len(table[0]) >= 2 * len(kept) and len(table[0]) & (len(table[0]) - 1) == 0
+        probe = np.concatenate([kept, rng.integers(1, 1 << 40, 2000), [0, 0]])
+        want = {int(r): j + 1 for j, r in enumerate(kept)}
+        got = remap_rows(probe.copy(), table, oov=-7)
+        assert got.tolist() == [want.get(int(r), -7) if r else 0 for r in probe]

@@ -90,7 +90,8 @@ def test_save_load_round_trip_with_kept_rows(tmp_path):
     back = FeatureSpec.load(tmp_path / "s")
     assert back == spec and back.fingerprint == spec.fingerprint
     assert back.kept_rows.tolist() == kept.tolist()
-    assert back.kept_mask.sum() == 4 + 1 + 39  # kept rows, padding row, OOV rows
+    assert back.num_rows == 1 + 4 + 39  # padding row, kept rows, OOV rows: sized by rows in use
+    assert [f.oov_row for f in back.fields] == list(range(5, 5 + 39))
     on_disk = json.loads(path.read_text())
     assert on_disk["num_rows"] == spec.num_rows and on_disk["num_fields"] == 39
     assert FeatureSpec.load(path) == spec  # the file itself works too

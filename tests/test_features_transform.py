@@ -41,11 +41,12 @@ def _hash(f: FieldSpec, v) -> int:
 
 def slow_transform(rows: list[dict], spec: FeatureSpec) -> tuple[list, list]:
     """The definition, one value at a time."""
-    kept = None if spec.kept_rows is None else set(spec.kept_rows.tolist())
+    kept = None if spec.kept_rows is None else sorted(spec.kept_rows.tolist())
+    compact = None if kept is None else {r: j + 1 for j, r in enumerate(kept)}
 
     def row_id(f, v):
-        r = f.offset + (_hash(f, v) & (f.buckets - 1))
-        return r if kept is None or r in kept else f.oov_row
+        r = f.offset + (_hash(f, v) & (f.buckets - 1))  # the hashed row
+        return r if compact is None else compact.get(r, f.oov_row)
 
     all_ids, all_vals = [], []
     for row in rows:
@@ -153,9 +154,12 @@ def test_min_count_folding_sends_unkept_rows_to_field_oov():
     out = transform(df, spec)["ids"]
     assert out.tolist() == slow_transform(df.to_dicts(), spec)[0]
     oov = np.array([f.oov_row for f in spec.fields for _ in range(f.width)])
+    assert (oov >= 1 + len(kept)).all() and spec.num_rows == 1 + len(kept) + len(spec.fields)
     folded = (raw > 0) & ~np.isin(raw, kept)
     assert folded.any() and (out[folded] == np.broadcast_to(oov, out.shape)[folded]).all()
-    assert (out[~folded] == raw[~folded]).all()  # kept rows and padding untouched
+    stay = (raw > 0) & ~folded
+    assert (out[stay] == 1 + np.searchsorted(kept, raw[stay])).all()  # kept: its compact row
+    assert (out[raw == 0] == 0).all()  # padding untouched
 
 
 def test_padding_is_id_zero_value_zero_and_real_ids_in_range():

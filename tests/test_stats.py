@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -105,25 +106,28 @@ def test_frequencies_equal_python_counter_of_transformed_train(
 
 def test_min_count_folding_matches_python_definition(shards, tmp_path):
     d, train = shards
-    raw_spec = run_stats(str(d), str(tmp_path / "raw"), _cfg())
-    raw = transform(train, raw_spec)["ids"]
-    field_of = np.array(raw_spec.field_index)
-    pairs = Counter()  # (field, row) -> count, the definition of folding written out
-    for r, c in zip(raw.ravel(), np.broadcast_to(field_of, raw.shape).ravel()):
+    spec = run_stats(str(d), str(tmp_path / "mc"), _cfg(min_count=5))
+    hashed = transform(train, dataclasses.replace(spec, kept_rows=None))["ids"]  # no compaction
+    field_of = np.array(spec.field_index)
+    pairs = Counter()  # (field, hashed row) -> count: the definition of folding written out
+    for r, c in zip(hashed.ravel(), np.broadcast_to(field_of, hashed.shape).ravel()):
         if r:
             pairs[(int(c), int(r))] += 1
     totals = Counter()
     for (_, r), n in pairs.items():
         totals[r] += n
-    want = {r: n for r, n in totals.items() if n >= 5}
+    kept = sorted(r for r, n in totals.items() if n >= 5)
+    compact = {r: j + 1 for j, r in enumerate(kept)}  # kept row j -> table row j + 1
+    want = {compact[r]: totals[r] for r in kept}
     for (c, r), n in pairs.items():
         if totals[r] < 5:
-            oov = raw_spec.fields[c].oov_row
+            oov = 1 + len(kept) + c  # one OOV row per field, after the kept rows
             want[oov] = want.get(oov, 0) + n
-    spec = run_stats(str(d), str(tmp_path / "mc"), _cfg(min_count=5))
+    assert [f.oov_row for f in spec.fields] == [1 + len(kept) + c for c in range(len(spec.fields))]
+    assert spec.num_rows == 1 + len(kept) + len(spec.fields)  # sized by the rows in use
     got = load_frequencies(tmp_path / "mc", spec.num_rows)
     assert {int(r): int(got[r]) for r in np.flatnonzero(got)} == want
-    assert sorted(spec.kept_rows.tolist()) == sorted(r for r, n in totals.items() if n >= 5)
+    assert spec.kept_rows.tolist() == kept
     # what training will see under the folded spec is exactly what the table counts
     seen = Counter(
         int(i) for i in transform(train, FeatureSpec.load(tmp_path / "mc"))["ids"].ravel() if i

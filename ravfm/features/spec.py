@@ -1,16 +1,24 @@
 """FeatureSpec: everything that maps a raw value to a row of the embedding table.
 
-Saved as `feature_spec.json` (plus `kept_rows.npy` when min-count folding is on), kept in every
-checkpoint, and checked before resuming or scoring. The row layout of a table of N rows:
+Saved as `feature_spec.json` (plus `kept_rows.npy`), kept in every checkpoint, and checked
+before resuming or scoring. A raw value first gets a HASHED row (hashing.py has the exact map):
 
     row 0                       padding (id 0, value 0.0; contributes nothing)
-    rows offset_f .. +buckets_f hashed rows of field f (hashing.py documents the exact map).
-                                id_space "shared": every field hashes into rows 1 .. 2^hash_bits
-                                with its own seed; "per_field": field f owns its own power-of-two
-                                block of 2^hash_bits / 2^ceil(log2 #fields) rows.
-    rows oov_row_f              one out-of-vocabulary row per field, after the hashed rows; with
-                                min_count > 1 every row seen fewer than min_count times in train
-                                (or never) maps to the OOV row of the field it came from.
+    rows offset_f .. +buckets_f hashed rows of field f. id_space "shared": every field hashes
+                                into rows 1 .. 2^hash_bits with its own seed; "per_field": field f
+                                owns its own power-of-two block of 2^hash_bits / 2^ceil(log2 #fields)
+
+`ravfm stats` then keeps the hashed rows seen at least min_count times in train (`kept_rows`,
+sorted) and the table is COMPACT, sized by the rows in use rather than by 2^hash_bits:
+
+    row 0                       padding
+    rows 1 .. K                 kept_rows[0 .. K-1], in order
+    rows K+1 .. K+#fields       one out-of-vocabulary row per field: a hashed row that was not
+                                kept (rarer than min_count, or never seen in train) maps to the
+                                OOV row of the field it came from
+
+A spec built without kept rows (tests, benchmarks) has no compaction: its table holds every
+hashed row, then the OOV rows.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ __all__ = [
 
 SPEC_NAME = "feature_spec.json"
 KEPT_NAME = "kept_rows.npy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: compact tables (rows in use, not 2^hash_bits)
 DEFAULT_MULTI_WIDTH = {"genres": 10, "idx": 64}  # until `ravfm stats` measures the train maximum
 _VALUE_COLUMNS = {"idx": "val"}  # libsvm: idx:val pairs
 
@@ -108,16 +116,19 @@ class FeatureSpec:
         """(F,) field number of each id column (VFM groups its priors by field)."""
         return [i for i, f in enumerate(self.fields) for _ in range(f.width)]
 
+    @property
+    def compact(self) -> bool:
+        """True when hashed rows map to a compact table of the kept rows (see the docstring)."""
+        return self.kept_rows is not None
+
     @functools.cached_property
-    def kept_mask(self) -> np.ndarray | None:
-        """bool (num_rows,): rows that survive min-count folding (row 0 and OOV rows included)."""
+    def remap(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The hashed -> compact row table (ravfm.features.kernels.build_remap), or None."""
         if self.kept_rows is None:
             return None
-        mask = np.zeros(self.num_rows, dtype=bool)
-        mask[self.kept_rows] = True
-        mask[0] = True
-        mask[[f.oov_row for f in self.fields]] = True
-        return mask
+        from ravfm.features.kernels import build_remap
+
+        return build_remap(self.kept_rows)
 
     # ---- identity -----------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
@@ -352,7 +363,7 @@ def build_spec(
                 seed=field_seed(name, cfg.seed),
                 offset=offset,
                 buckets=1 << block_bits,
-                oov_row=hashed_end + i,
+                oov_row=(hashed_end if kept_rows is None else 1 + len(np.unique(kept_rows))) + i,
                 width=int(width),
                 bucketiser=bucketiser,
                 edges=fe,
@@ -371,5 +382,5 @@ def build_spec(
         id_space=cfg.id_space,
         min_count=cfg.min_count,
         versions={"polars": pl.__version__, "polars_hash": polars_hash.__version__},
-        kept_rows=None if kept_rows is None else np.asarray(kept_rows, np.int64),
+        kept_rows=None if kept_rows is None else np.unique(np.asarray(kept_rows, np.int64)),
     )

@@ -6,7 +6,7 @@ measures the longest list of each multi-valued field, and with numeric=quantile 
 bucket edges on a bounded sample (a second, numeric-columns-only pass). Min-count folding then
 keeps the rows seen at least min_count times; the counts of every other row go to the OOV row
 of the field they came from. `frequencies.parquet` (row Int64, count Int64) lists each row of
-the final id space with a non-zero count, which is what RaFM ranks features by.
+the compact id space (FeatureSpec) with a non-zero count, which is what RaFM ranks features by.
 """
 
 from __future__ import annotations
@@ -167,31 +167,32 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
     return spec
 
 
-def _fold(acc: pl.DataFrame, spec: FeatureSpec) -> tuple[pl.DataFrame, np.ndarray | None, int]:
-    """(frequencies in the final id space, kept rows or None when min_count == 1, #folded)."""
+def _fold(acc: pl.DataFrame, spec: FeatureSpec) -> tuple[pl.DataFrame, np.ndarray, int]:
+    """(frequencies in the compact id space, kept hashed rows (sorted), #rows folded).
+
+    A hashed row is kept when seen at least min_count times; kept row j becomes compact row
+    j + 1, and the counts of the others go to the OOV row of the field they came from
+    (compact row K + 1 + field)."""
     nf = len(spec.fields)
     empty = pl.DataFrame({"row": [], "count": []}, schema={"row": pl.Int64, "count": pl.Int64})
     if acc.height == 0:
-        return empty, (None if spec.min_count == 1 else np.zeros(0, np.int64)), 0
+        return empty, np.zeros(0, np.int64), 0
     pairs = acc.select(
         (pl.col("key") // nf).alias("row"), (pl.col("key") % nf).alias("field"), "count"
     )
     totals = pairs.group_by("row").agg(pl.col("count").sum())
-    if spec.min_count == 1:
-        return totals.sort("row"), None, 0
-    kept = totals.filter(pl.col("count") >= spec.min_count)
-    oov_of = pl.col("field").replace_strict(
-        list(range(nf)), [f.oov_row for f in spec.fields], return_dtype=pl.Int64
-    )
+    kept = totals.filter(pl.col("count") >= spec.min_count).sort("row")
+    kept_rows = kept["row"].to_numpy().astype(np.int64)
+    n_kept = len(kept_rows)
+    compact = kept.select(pl.int_range(1, n_kept + 1, dtype=pl.Int64).alias("row"), "count")
     folded = (
         pairs.join(kept.select("row"), on="row", how="anti")
         .group_by("field")
         .agg(pl.col("count").sum())
-        .select(oov_of.alias("row"), "count")
+        .select((pl.col("field").cast(pl.Int64) + 1 + n_kept).alias("row"), "count")
     )
-    freq = pl.concat([kept, folded]).filter(pl.col("count") > 0).sort("row")
-    kept_rows = np.sort(kept["row"].to_numpy()).astype(np.int64)
-    return freq, kept_rows, totals.height - kept.height
+    freq = pl.concat([compact, folded]).filter(pl.col("count") > 0).sort("row")
+    return freq, kept_rows, totals.height - n_kept
 
 
 def load_frequencies(out_dir: str | Path, num_rows: int) -> np.ndarray:

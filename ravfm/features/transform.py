@@ -27,7 +27,7 @@ from ravfm.features.hashing import (
     quantile_bucket,
     xxh3_expr,
 )
-from ravfm.features.kernels import arrow_int_column, hash_int_fields
+from ravfm.features.kernels import arrow_int_column, hash_int_fields, remap_rows
 from ravfm.features.spec import FeatureSpec, FieldSpec
 
 __all__ = [
@@ -195,17 +195,17 @@ def field_ids(df: pl.DataFrame, f: FieldSpec) -> np.ndarray:
     return (field_hashes(df, f) & np.uint64(f.buckets - 1)).astype(np.int64) + f.offset
 
 
-def _rows(h: np.ndarray, f: FieldSpec, kept: np.ndarray | None) -> np.ndarray:
+def _rows(h: np.ndarray, f: FieldSpec, remap: tuple | None) -> np.ndarray:
     """Table rows of one scalar field: uint64 hashes (B,), overwritten -> int64 (B,) rows.
 
-    row = offset + (h & (buckets - 1)), folded into the field's OOV row where min-count
-    dropped the id (kept: bool (N,) over the table, or None when nothing is folded).
+    hashed row = offset + (h & (buckets - 1)); with a compact spec (remap: its table, see
+    FeatureSpec.remap) the kept row's compact row, or the field's OOV row for one not kept.
     """
     np.bitwise_and(h, np.uint64(f.buckets - 1), out=h)
     r = h.view(np.int64)
     r += f.offset
-    if kept is not None:
-        np.putmask(r, ~kept[r], f.oov_row)
+    if remap is not None:
+        remap_rows(r, remap, f.oov_row)
     return r
 
 
@@ -234,7 +234,7 @@ def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
     check_schema(df.schema, spec)
     arrow = batch if isinstance(batch, pa.Table) else None  # zero-copy columns for the kernel
     b, width = df.height, spec.num_fields
-    kept = spec.kept_mask
+    remap = spec.remap
     starts = np.cumsum([0] + [f.width for f in spec.fields])[:-1]
     scalar = [(int(c), f) for c, f in zip(starts, spec.fields) if f.kind != "multi"]
     strings = [(c, f) for c, f in scalar if f.hasher == HASH_FUNCTION and f.kind == "categorical"]
@@ -245,10 +245,12 @@ def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
         out = df.select([xxh3_expr(pl.col(f.name), f.seed).alias(f"_{c}") for c, f in strings])
         h = out.to_numpy(order="fortran")
         for j, (c, f) in enumerate(strings):
-            ids[:, c] = _rows(_writable(h[:, j]), f, kept)
+            ids[:, c] = _rows(_writable(h[:, j]), f, remap)
     fast = [(c, f, col) for c, f in ints if (col := _int_column(df, arrow, f)) is not None]
     if fast:  # compiled, straight from the Arrow buffers: one pass writes every id
-        hash_int_fields([x[2] for x in fast], [x[1] for x in fast], [x[0] for x in fast], kept, ids)
+        hash_int_fields(
+            [x[2] for x in fast], [x[1] for x in fast], [x[0] for x in fast], remap, ids
+        )
         done = {c for c, _, _ in fast}
         ints = [(c, f) for c, f in ints if c not in done]
     if ints:  # one select, column-major: each column is hashed in place
@@ -256,15 +258,15 @@ def transform(batch: Any, spec: FeatureSpec) -> dict[str, np.ndarray]:
         if not (keys.flags.f_contiguous and keys.flags.writeable):
             keys = np.asfortranarray(keys).copy(order="F")
         for j, (c, f) in enumerate(ints):
-            ids[:, c] = _rows(_hash_keys(keys[:, j], f, in_place=True), f, kept)
+            ids[:, c] = _rows(_hash_keys(keys[:, j], f, in_place=True), f, remap)
     for c, f in others:
-        ids[:, c] = _rows(field_hashes(df, f), f, kept)
+        ids[:, c] = _rows(field_hashes(df, f), f, remap)
     values = np.ones((b, width), np.float32)
     for c, f in zip(starts, spec.fields):
         if f.kind == "multi":
             block, values[:, c : c + f.width] = _multi(df, f, b)
-            if kept is not None:
-                block = np.where(kept[block], block, f.oov_row)
+            if remap is not None:
+                block = remap_rows(np.ascontiguousarray(block), remap, f.oov_row)
             ids[:, c : c + f.width] = block
     return {"ids": ids, "values": values, "label": _label(df, spec)}
 
