@@ -123,8 +123,11 @@ def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> dict[str, Any]:
     # (measured: FM k=16 on 2 CPUs, 2 threads beside one busy process 24k samples/s, 1 thread
     # 177k).
     threads = max(1, int(per))
+    # Each read-and-hash task asks what the workers leave (at most 1 CPU), so the tasks always
+    # fit beside the workers: with 1 CPU each, 3 x 0.5-CPU workers on 2 CPUs waited forever.
+    ingest = round(min(1.0, max(0.25, cpus - workers * per) if not cfg.train.use_gpu else 1.0), 3)
     return {"num_workers": workers, "cpus_per_worker": per, "threads": threads,
-            "use_gpu": cfg.train.use_gpu}  # fmt: skip
+            "use_gpu": cfg.train.use_gpu, "ingest_cpus": ingest}  # fmt: skip
 
 
 def _engine(cfg: RunConfig, address: str | None) -> str:

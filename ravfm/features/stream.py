@@ -14,7 +14,7 @@ become fixed-size, shuffled batches. The same for one process and for Ray Train 
 - `rebatch`: blocks -> batches of exactly `batch_size` rows (the last one shorter), shuffled
   within windows of `shuffle_rows` rows by a seeded generator, dropping rows listed in `skip`
   (rows a restarted run already trained). It depends only on the sequence of rows, so any
-  executor that yields the same blocks in the same order gives the same batches.
+  executor that yields the same rows in the same order gives the same batches.
 
 No torch and no Ray here: the trainer turns the numpy batches into tensors.
 """
@@ -214,12 +214,13 @@ def rebatch(
     seed: Any = None,
     skip: np.ndarray | None = None,
 ) -> Iterator[Block]:
-    """Batches of `batch_size` rows from `blocks`; with shuffle_rows > 0 and a seed, rows are
-    gathered into windows of at least shuffle_rows (whole blocks), each window permuted by one
-    seeded generator and cut into batches; the rows left over (< batch_size) open the next
-    window. Without shuffling, batches are the rows in block order."""
+    """Batches of `batch_size` rows from `blocks` (the last one may be shorter). With
+    shuffle_rows > 0 and a seed, the rows are cut into windows of shuffle_rows (rounded up to
+    whole batches), each permuted by one seeded generator before it is cut into batches.
+    Windows are counted in rows, so the batches depend only on the sequence of rows, not on
+    how it was split into blocks. Rows whose "row" number is in `skip` are left out."""
     rng = np.random.default_rng(seed) if shuffle_rows > 0 and seed is not None else None
-    window = max(shuffle_rows, batch_size) if rng is not None else batch_size
+    window = batch_size * max(1, -(-shuffle_rows // batch_size)) if rng is not None else batch_size
     parts: list[Block] = []
     held = 0
     for block in blocks:
@@ -231,16 +232,18 @@ def rebatch(
         if held < window:
             continue
         pool = _concat(parts)
-        if rng is not None:
-            pool = _take(pool, rng.permutation(held))
-        full = held - held % batch_size
-        for start in range(0, full, batch_size):
-            yield _take(pool, slice(start, start + batch_size))
+        full = held - held % window
+        for start in range(0, full, window):
+            yield from _cut(_take(pool, slice(start, start + window)), batch_size, rng)
         parts = [_take(pool, slice(full, held))] if full < held else []
         held -= full
     if held:
-        pool = _concat(parts)
-        if rng is not None:
-            pool = _take(pool, rng.permutation(held))
-        for start in range(0, held, batch_size):
-            yield _take(pool, slice(start, min(held, start + batch_size)))
+        yield from _cut(_concat(parts), batch_size, rng)
+
+
+def _cut(pool: Block, batch_size: int, rng: np.random.Generator | None) -> Iterator[Block]:
+    n = len(pool["label"])
+    if rng is not None:
+        pool = _take(pool, rng.permutation(n))
+    for start in range(0, n, batch_size):
+        yield _take(pool, slice(start, min(n, start + batch_size)))

@@ -105,6 +105,7 @@ def train_on_ray(
         "init": job["init"],
         "reset_optimizer": job["reset_optimizer"],
         "threads": plan["threads"],
+        "ingest_cpus": plan["ingest_cpus"],
         "n_train": job["n_train"],
         "groups": {s: [[g.path, g.group, g.rows] for g in gs] for s, gs in job["groups"].items()},
         "invocation": uuid.uuid4().hex,
@@ -137,6 +138,19 @@ def train_on_ray(
     finally:
         follow.stop()
     return {**json.loads(run_store.read_bytes("summary.json")), "engine": "ray", **plan}
+
+
+def _waiting_for() -> str:
+    """What the cluster has free, in one line (for a run that does not move)."""
+    import ray
+
+    free = ray.available_resources()
+    total = ray.cluster_resources()
+    cpu = f"{free.get('CPU', 0):g} of {total.get('CPU', 0):g} CPUs free"
+    return (
+        f"the cluster has {cpu}; if tasks wait for CPUs, lower train.num_workers or "
+        "train.cpus_per_worker (Ray Data reads and hashes on the CPUs the workers leave)"
+    )
 
 
 def _ray_storage(run_store: Store) -> str:

@@ -46,9 +46,10 @@ def _read(items: dict[str, Any], spec: FeatureSpec) -> Iterator[Block]:
         yield read_group(RowGroup(str(path), int(group), int(rows)), spec)
 
 
-def ray_blocks(spec: FeatureSpec) -> Blocks:
+def ray_blocks(spec: FeatureSpec, task_cpus: float = 1.0) -> Blocks:
     """An executor that reads and hashes row groups in Ray Data tasks (anywhere in the
-    cluster), one task per row group, yielding the blocks in input order."""
+    cluster), one task per row group asking `task_cpus` CPUs, yielding the blocks in input
+    order."""
     import ray.data
 
     def blocks(groups: list[RowGroup]) -> Iterator[Block]:
@@ -58,7 +59,9 @@ def ray_blocks(spec: FeatureSpec) -> Blocks:
         ds = ray.data.from_items(
             [{"path": g.path, "group": g.group, "rows": g.rows} for g in groups],
             override_num_blocks=len(groups),
-        ).map_batches(_read, batch_format="numpy", batch_size=1, fn_kwargs={"spec": spec})
+        ).map_batches(
+            _read, batch_format="numpy", batch_size=1, fn_kwargs={"spec": spec}, num_cpus=task_cpus
+        )
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 
     return blocks
@@ -75,7 +78,7 @@ def train_fn(config: dict) -> None:
     spec = FeatureSpec.load(config["spec_dir"])
     groups = {s: [RowGroup(*g) for g in gs] for s, gs in config["groups"].items()}
     feed = Feed(
-        groups, world, ray_blocks(spec),  # (2) Ray Data reads and hashes this rank's rows
+        groups, world, ray_blocks(spec, config.get("ingest_cpus", 1.0)),  # (2) Ray Data reads and hashes this rank's rows
         batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
         shuffle_rows=cfg.train.shuffle_buffer, seed=cfg.seed,
     )  # fmt: skip
