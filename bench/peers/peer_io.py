@@ -24,6 +24,7 @@ __all__ = [
     "read_ids_npz",
     "read_myfm_npz",
     "read_libsvm",
+    "binary_metrics",
     "emit",
     "Stopwatch",
     "set_threads",
@@ -54,6 +55,20 @@ def read_libsvm(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             labels.append(float(head))
             ids.append([int(item.split(":")[0]) for item in items])
     return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.float32)
+
+
+def binary_metrics(label: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    """label (B,) 0/1, prob (B,) -> exact AUC (rank statistic, ties averaged) and log loss."""
+    y = np.asarray(label, dtype=np.float64) > 0.5
+    p = np.asarray(prob, dtype=np.float64)
+    _, inv, counts = np.unique(p, return_inverse=True, return_counts=True)
+    mid = np.cumsum(counts) - (counts - 1) / 2.0  # average 1-based rank of each distinct score
+    ranks = mid[inv.reshape(-1)]
+    pos, neg = int(y.sum()), int((~y).sum())
+    auc = (ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg) if pos and neg else float("nan")
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    logloss = float(-np.mean(np.where(y, np.log(q), np.log1p(-q))))
+    return {"auc": float(auc), "logloss": logloss}
 
 
 def set_threads(n: int) -> None:
