@@ -7,7 +7,6 @@ Loss: BCE with logits, the batch mean. Init: v ~ N(0, 0.01^2), w = 0, pad = 0, b
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from peer_io import Stopwatch, read_ids_npz
 
-__all__ = ["fm_logits", "init_table_", "load_ctr", "train_epoch", "predict", "ctr_args", "timings"]
+__all__ = ["fm_logits", "init_table_", "load_ctr", "train_epoch", "predict", "timings"]
 
 
 def fm_logits(bias: torch.Tensor, e: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,23 +73,6 @@ def predict(
     """score(ids (b, F)) -> logits (b,); returns sigmoid probabilities (B,) float32."""
     out = [torch.sigmoid(score(ids[lo : lo + batch])) for lo in range(0, len(ids), batch)]
     return torch.cat(out).numpy().astype(np.float32)
-
-
-def ctr_args(description: str, batch: int, lr: float) -> argparse.ArgumentParser:
-    """The CLI both torch runners take."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--train", required=True, help="train .npz (prepare.write_id_arrays)")
-    ap.add_argument("--test", required=True, help="test .npz")
-    ap.add_argument("--out", required=True, help="test probabilities, .npy float32")
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=batch)
-    ap.add_argument("--lr", type=float, default=lr, help="embedding table learning rate")
-    ap.add_argument("--dense-lr", type=float, default=1e-3, help="Adam's lr for the bias")
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0, help="shuffle and init seed")
-    ap.add_argument("--eval-batch", type=int, default=65536)
-    return ap
 
 
 def timings(sw: Stopwatch, epochs: list[dict], rows: int, batch: int) -> dict:

@@ -12,6 +12,7 @@ The runners print one JSON line on stdout (`emit`); everything else they print g
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -25,6 +26,7 @@ __all__ = [
     "read_myfm_npz",
     "read_libsvm",
     "binary_metrics",
+    "ctr_args",
     "emit",
     "Stopwatch",
     "set_threads",
@@ -69,6 +71,23 @@ def binary_metrics(label: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     q = np.clip(p, 1e-7, 1 - 1e-7)
     logloss = float(-np.mean(np.where(y, np.log(q), np.log1p(-q))))
     return {"auc": float(auc), "logloss": logloss}
+
+
+def ctr_args(description: str, batch: int, lr: float) -> argparse.ArgumentParser:
+    """The CLI both torch runners take (argparse only: parsed before torch is imported)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--train", required=True, help="train .npz (prepare.write_id_arrays)")
+    ap.add_argument("--test", required=True, help="test .npz")
+    ap.add_argument("--out", required=True, help="test probabilities, .npy float32")
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--lr", type=float, default=lr, help="embedding table learning rate")
+    ap.add_argument("--dense-lr", type=float, default=1e-3, help="Adam's lr for the bias")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="shuffle and init seed")
+    ap.add_argument("--eval-batch", type=int, default=65536)
+    return ap
 
 
 def set_threads(n: int) -> None:

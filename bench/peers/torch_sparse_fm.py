@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import sys
 
-from peer_io import Stopwatch, binary_metrics, emit, set_threads
+from peer_io import Stopwatch, binary_metrics, ctr_args, emit, set_threads
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fm_torch import ctr_args
-
     args = ctr_args(__doc__.splitlines()[0], batch=8192, lr=1e-3).parse_args(argv)
     set_threads(args.threads)
     import numpy as np

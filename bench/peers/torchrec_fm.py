@@ -17,7 +17,7 @@ import sys
 import tempfile
 import warnings
 
-from peer_io import Stopwatch, binary_metrics, emit, set_threads
+from peer_io import Stopwatch, binary_metrics, ctr_args, emit, set_threads
 
 __all__ = ["main"]
 
@@ -27,8 +27,6 @@ def _round4(d: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fm_torch import ctr_args
-
     ap = ctr_args(__doc__.splitlines()[0], batch=8192, lr=0.05)
     ap.add_argument("--eps", type=float, default=1e-8, help="row-wise Adagrad epsilon")
     args = ap.parse_args(argv)
