@@ -17,7 +17,8 @@ before it is first seen is missed when the subreaper cannot be set (not Linux, o
 orphans of anything else this process starts while measuring are counted too; reading
 smaps_rollup of a process owned by another user needs privileges (such a process counts 0).
 Sampling stops when the child exits: descendants that outlive it are listed in
-"leftover_pids", not killed. Linux only, stdlib only (ravfm's venv and the peers' both use it).
+"leftover_pids", not killed; an adopted one that exits later stays a zombie of the caller
+until the caller exits (nothing reaps it after run_measured returns). Linux only, stdlib only (ravfm's venv and the peers' both use it).
 """
 
 from __future__ import annotations
