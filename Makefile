@@ -10,7 +10,7 @@ ADDRESS ?= $(RAY_ADDRESS)
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint format train-criteo train-avazu train-movielens score submit bench bench-accuracy clean
+.PHONY: help setup test test-fast lint format train-criteo train-avazu train-movielens score submit bench bench-accuracy peers clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ bench: ## run every benchmark; tables to stdout, JSON to bench/results/
 
 bench-accuracy: ## train each model on the real samples; writes bench/results/accuracy.json
 	$(PY) -m bench.accuracy
+
+peers: ## .peers-venv: xLearn, TorchRec, myFM for the benchmarks (each peer apart; status in .peers-venv/peers-status.json)
+	$(PYTHON) bench/peers/install.py --venv .peers-venv
 
 clean: ## remove caches (keeps .venv, data/ and runs/)
 	rm -rf .pytest_cache .ruff_cache $$(find . -name __pycache__ -not -path './.venv/*')
