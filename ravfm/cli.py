@@ -168,8 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--output", required=True)
     sc.add_argument("--keep", default="", help="comma-separated columns to copy to the output")
     sc.add_argument("--batch-size", type=int, default=65536)
-    sc.add_argument("--num-actors", type=int, default=0, help="0 = sized from the cluster")
-    sc.add_argument("--address", default=None)
+    sc.add_argument(
+        "--num-actors",
+        type=int,
+        default=0,
+        help="threads (this machine) or Ray actors; 0 = one per CPU",
+    )
+    sc.add_argument(
+        "--address", default=None, help="score on this Ray cluster (default: here, no Ray)"
+    )
     sc.set_defaults(fn=_score)
 
     sm = sub.add_parser("submit", help="submit a training job to a Ray cluster and follow it")

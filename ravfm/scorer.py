@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the torch idiom)
 from torch import Tensor
 
-__all__ = ["Scorer", "FusedFM", "PREDICTION", "PREDICTION_STD"]
+__all__ = ["Scorer", "FusedFM", "PREDICTION", "PREDICTION_STD", "PREDICTION_STD_MODEL"]
 
 PREDICTION = "prediction"
-PREDICTION_STD = "prediction_std"
+PREDICTION_STD = "prediction_std"  # of the observed target (ratings: posterior + noise)
+PREDICTION_STD_MODEL = "prediction_std_model"  # of the model's output under the posterior
 
 
 class FusedFM:
@@ -65,20 +66,36 @@ class FusedFM:
 
 class Scorer:
     """One actor's model: Arrow batch (B rows) -> Arrow table (B rows) of kept columns and
-    predictions. Loads the checkpoint once, in the constructor."""
+    predictions. Loads the checkpoint once, in the constructor (meta: its manifest, when the
+    caller already read and verified it).
 
-    def __init__(self, checkpoint: str, keep: tuple[str, ...] = (), device: str = "cpu") -> None:
+    VFM's two standard deviations (README, "Uncertainty"): `prediction_std_model` is the
+    posterior's, of the predicted rating or of the click probability (delta method:
+    p (1 - p) times the std of the logit); `prediction_std` is of the observed target: for
+    ratings sqrt(model variance + noise variance), the noise variance the checkpoint holds
+    (learned, or estimated on held-out rows); for clicks it equals the model's (a click is
+    0 or 1; the std is of its probability)."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        keep: tuple[str, ...] = (),
+        device: str = "cpu",
+        meta: dict | None = None,
+    ) -> None:
         from ravfm.train.checkpoint import load_model
 
-        self.model, self.spec, meta = load_model(checkpoint, device=device)
+        self.model, self.spec, meta = load_model(checkpoint, device=device, meta=meta)
         self.device, self.keep = torch.device(device), tuple(keep)
         self.task = meta["task"]
         self.vfm = meta["config"]["model"]["name"] == "vfm"
+        self.noise_var = float(meta.get("noise_var") or 0.0) if self.task == "regression" else 0.0
         self.fused = FusedFM.from_model(self.model)
 
     @torch.no_grad()
-    def predict(self, ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor | None]:
-        """ids (B, F), values (B, F) -> (prediction (B,), std (B,) for VFM else None)."""
+    def predict(self, ids: Tensor, values: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """ids (B, F), values (B, F) -> (prediction (B,), std (B,), model std (B,)); the two
+        standard deviations are None unless the model is VFM."""
         ids, values = ids.to(self.device), values.to(self.device)
         std = None
         if self.vfm:
@@ -91,15 +108,21 @@ class Scorer:
             raw = torch.sigmoid(raw)
             if std is not None:  # delta method: the std of sigmoid(z) ~ p (1 - p) std(z)
                 std = raw * (1 - raw) * std
-        return raw.float().cpu(), None if std is None else std.float().cpu()
+        if std is None:
+            return raw.float().cpu(), None, None
+        total = (std * std + self.noise_var).sqrt()
+        return raw.float().cpu(), total.float().cpu(), std.float().cpu()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from ravfm.features.transform import transform
 
         out = transform(table, self.spec)
-        pred, std = self.predict(torch.from_numpy(out["ids"]), torch.from_numpy(out["values"]))
+        pred, std, model_std = self.predict(
+            torch.from_numpy(out["ids"]), torch.from_numpy(out["values"])
+        )
         cols = {c: table.column(c) for c in self.keep}
         cols[PREDICTION] = pa.array(pred.numpy())
         if std is not None:
             cols[PREDICTION_STD] = pa.array(std.numpy())
+            cols[PREDICTION_STD_MODEL] = pa.array(model_std.numpy())
         return pa.table(cols)

@@ -31,6 +31,7 @@ __all__ = [
     "strict_json",
     "dumps",
     "file_digest",
+    "open_url",
     "verify_files",
     "CHUNK",
 ]
@@ -59,6 +60,17 @@ def strict_json(v: Any) -> Any:
 def dumps(payload: Any, indent: int | None = 1) -> str:
     """Strict JSON text (no NaN) of `payload`."""
     return json.dumps(strict_json(payload), indent=indent, allow_nan=False)
+
+
+def open_url(path: str | os.PathLike, mode: str = "rb") -> IO:
+    """Open one file given as a local path or an fsspec URL."""
+    text = str(path)
+    if not is_url(text) or text.startswith("file://"):
+        return open(text[len("file://") :] if text.startswith("file://") else text, mode)
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(text)
+    return fs.open(p, mode)
 
 
 def file_digest(f: IO[bytes]) -> tuple[int, str]:

@@ -74,7 +74,7 @@ def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
 @pytest.mark.parametrize(
-    "victim", ["rows-00000-of-00001.safetensors", "dense.safetensors", "dense_optim.pt",
+    "victim", ["rows-00000-of-00001.safetensors", "dense.safetensors", "dense_optim.safetensors",
                "spec/feature_spec.json"],
 )  # fmt: skip
 def test_a_damaged_file_is_refused_by_name(tmp_path, damage, victim):

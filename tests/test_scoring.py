@@ -15,7 +15,7 @@ import torch
 
 from ravfm.errors import UserError
 from ravfm.model.fm import FM
-from ravfm.scorer import PREDICTION, PREDICTION_STD, FusedFM
+from ravfm.scorer import PREDICTION, PREDICTION_STD, PREDICTION_STD_MODEL, FusedFM
 
 
 def _fm_by_definition(
@@ -129,9 +129,13 @@ def _with_row_ids(shards: Path, out: Path) -> Path:
 
 
 def _read_in_name_order(out: Path) -> pa.Table:
-    files = sorted(out.glob("*.parquet"))
-    assert files
-    return pa.concat_tables([pq.read_table(f) for f in files])
+    from ravfm.scored import read_scores
+
+    files = sorted(out.glob("part-*.parquet"))
+    assert files and (out / "_SUCCESS").is_file()
+    got = read_scores(str(out))  # checks the marker and every part against the manifest
+    assert got.equals(pa.concat_tables([pq.read_table(f) for f in files]))
+    return got
 
 
 def _expected(checkpoint: Path, shards: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -151,34 +155,39 @@ def _expected(checkpoint: Path, shards: Path) -> tuple[np.ndarray, np.ndarray | 
         return torch.sigmoid(model.forward(ids, x)).numpy(), None
 
 
-@pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name", ["fm", "vfm"])
-def test_score_writes_one_row_per_input_row_in_order(criteo, ray_local, model_name):
+@pytest.mark.parametrize(
+    "model_name, engine",
+    [("fm", "local"), ("vfm", "local"),
+     pytest.param("fm", "ray", marks=pytest.mark.ray), pytest.param("vfm", "ray", marks=pytest.mark.ray)],
+)  # fmt: skip
+def test_score_writes_one_row_per_input_row_in_order(criteo, request, model_name, engine):
     from ravfm.scoring import score
 
+    if engine == "ray":
+        request.getfixturevalue("ray_local")
     tmp, shards, fm_ckpt, vfm_ckpt = criteo
     ckpt = fm_ckpt if model_name == "fm" else vfm_ckpt
     src = _with_row_ids(shards, tmp / "with_rid")
-    out = tmp / f"out-{model_name}"
-    summary = score(str(ckpt), str(src), str(out), keep=["rid", "label"], batch_size=1000)
+    out = tmp / f"out-{model_name}-{engine}"
+    summary = score(str(ckpt), str(src), str(out), keep=["rid", "label"], batch_size=1000,
+                    engine=engine)  # fmt: skip
     got = _read_in_name_order(out)
+    assert summary["engine"] == engine
     assert summary["rows"] == got.num_rows == 8000 and summary["parts"] == 3
     assert got.column("rid").to_pylist() == list(range(8000))
     want, want_std = _expected(ckpt, shards)
     np.testing.assert_allclose(got.column(PREDICTION).to_numpy(), want, rtol=1e-5, atol=1e-6)
     if model_name == "vfm":
-        np.testing.assert_allclose(
-            got.column(PREDICTION_STD).to_numpy(), want_std, rtol=1e-4, atol=1e-7
-        )
+        for col in (PREDICTION_STD, PREDICTION_STD_MODEL):  # clicks: both are the model's
+            np.testing.assert_allclose(got.column(col).to_numpy(), want_std, rtol=1e-4, atol=1e-7)
     else:
         assert PREDICTION_STD not in got.column_names
 
 
-@pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["shards", "raw"])
-def test_score_reads_shard_directories_and_raw_files(criteo, ray_local, shared_data, source):
+def test_score_reads_shard_directories_and_raw_files(criteo, shared_data, source):
     from ravfm.scoring import score
 
     tmp, shards, fm_ckpt, _ = criteo
@@ -213,7 +222,7 @@ def test_unknown_keep_column_and_nonempty_output_are_refused(criteo):
     busy = tmp / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="already holds other files"):
         score(str(fm_ckpt), str(shards), str(busy), keep=[])
 
 
@@ -227,7 +236,7 @@ def test_shards_of_another_dataset_name_the_differing_key(criteo, shared_data):
         convert(
             "avazu", str(shared_data / "avazu" / "avazu_sample_9k.csv"), str(avazu), split="test"
         )
-    with pytest.raises(UserError, match="feature spec mismatch: dataset avazu != criteo"):
+    with pytest.raises(UserError, match="holds avazu shards but the feature spec is for criteo"):
         score(str(fm_ckpt), str(avazu), str(tmp / "out-avazu"), keep=[])
     shutil.rmtree(tmp / "out-avazu", ignore_errors=True)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ravfm.config import OptimConfig
+from ravfm.distributed.dense import DenseOptimizer
 from ravfm.distributed.embedding import RowShardedTable, SparseTable
 from ravfm.distributed.optim import SparseAdagrad, SparseAdam, SparseSGD, build_optimizers
 from ravfm.distributed.world import World
@@ -158,7 +159,7 @@ def test_build_optimizers_splits_tables_from_dense_parameters():
     sparse, dense = build_optimizers(model, OptimConfig(sparse="adam", dense="sgd", lr=0.2))
     assert isinstance(sparse, SparseAdam) and list(sparse.tables) == ["table"]
     assert sparse.lr == 0.2
-    assert isinstance(dense, torch.optim.SGD)
+    assert isinstance(dense, DenseOptimizer) and dense.kind == "sgd"
     assert [p for g in dense.param_groups for p in g["params"]] == [model.bias]
     plain = FM(N, 3)
     sparse, dense = build_optimizers(plain, OptimConfig(sparse="sgd"))
@@ -176,3 +177,33 @@ def test_importing_another_optimizers_state_is_a_user_error():
     state = SparseAdagrad([table]).export_state()
     with pytest.raises(UserError, match="exp_avg"):
         SparseAdam([SparseTable("t", N, D, INIT, torch.float64)]).import_state(state)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adagrad", "sgd"])
+def test_dense_optimizer_equals_torch_optim(kind):
+    """DenseOptimizer (no torch.optim, whose first use imports torch._dynamo) against the
+    torch.optim rule it follows, over steps with a changing lr and a parameter without grad."""
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(()))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    ours = DenseOptimizer(a, kind, lr=0.1, betas=(0.8, 0.99), eps=1e-6, initial_accumulator=0.1)
+    theirs = {
+        "adam": lambda: torch.optim.Adam(b, lr=0.1, betas=(0.8, 0.99), eps=1e-6),
+        "adagrad": lambda: torch.optim.Adagrad(b, lr=0.1, eps=1e-6, initial_accumulator_value=0.1),
+        "sgd": lambda: torch.optim.SGD(b, lr=0.1),
+    }[kind]()
+    for step in range(6):
+        g = [torch.randn(3, 4), torch.randn(())]
+        for p, q, x in zip(a, b, g):
+            p.grad = x.clone() if step != 2 or p.ndim else None  # the scalar skips a step
+            q.grad = p.grad.clone() if p.grad is not None else None
+        ours.param_groups[0]["lr"] = 0.1 / (step + 1)
+        for group in theirs.param_groups:
+            group["lr"] = 0.1 / (step + 1)
+        ours.step()
+        theirs.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    again = DenseOptimizer(a, kind, lr=0.1, betas=(0.8, 0.99), eps=1e-6)
+    again.load_state_dict(ours.state_dict())
+    assert again.state_dict().keys() == ours.state_dict().keys()

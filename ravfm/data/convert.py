@@ -18,8 +18,6 @@ error, never overwritten.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import shutil
 import tarfile
@@ -56,6 +54,7 @@ from ravfm.data.sources import (
     resolve,
 )
 from ravfm.errors import UserError
+from ravfm.runtime import old_objects_frozen
 
 __all__ = ["convert", "FORMAT_NAMES"]
 
@@ -90,22 +89,6 @@ def _line_parts(files: list) -> Iterator[tuple[str, IO[bytes], str | None]]:
 
 def _with_row(columns: dict[str, str]) -> dict[str, str]:
     return {**columns, ROW_COLUMN: "Int64"}
-
-
-@contextlib.contextmanager
-def _old_objects_frozen() -> Iterator[None]:
-    """Keep the cyclic GC off the objects that exist before the conversion (imports: Polars,
-    Arrow, numba; ~150k objects): each full collection walked them all with the GIL held,
-    ~80 ms, stalling every thread (Criteo 2M rows: 0.17 s of 5 s). They are handed back to
-    the collector afterwards (unless the caller had frozen objects itself: then left as is)."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def convert(
@@ -176,7 +159,7 @@ def convert(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        with _old_objects_frozen():
+        with old_objects_frozen():
             index = _run(
                 parser,
                 parts,

@@ -82,6 +82,7 @@ class _SplitWriter:
                     compression="zstd",
                     compression_level=1,
                     write_statistics=self.stats,
+                    write_page_checksum=True,  # readers verify: damage inside a page is found
                     # No embedded Arrow schema: readers see plain `string`, not Polars'
                     # string_view, which Ray Data's block pickling and older readers reject.
                     store_schema=False,

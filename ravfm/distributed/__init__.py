@@ -6,7 +6,7 @@ rows.py       LocalRows: a rank's rows packed with optimizer state, the sparse-g
 embedding.py  SparseTable (local or replicated), RowShardedTable (row r on rank r % W),
               table_factory(kind, world, dtype, device)
 optim.py      SparseSGD, SparseAdagrad, SparseAdam (lazy), build_optimizers(model, cfg)
-dense.py      all_reduce_dense_grads(model, world), clip_grad_norm
+dense.py      all_reduce_dense_grads(model, world), DenseOptimizer (biases, VFM priors)
 
 See ../shared/DESIGN.md for how they fit the trainer.
 """

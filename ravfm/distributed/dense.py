@@ -1,17 +1,23 @@
-"""Dense (replicated) parameters across ranks: gradient averaging and clipping.
+"""Dense (replicated) parameters across ranks: gradient averaging, and their optimizers.
 
 Tables of kind sparse or rows hold their rows in buffers, so they never appear here; a
 PlainTable's weight is an ordinary parameter and is averaged like one.
+
+`DenseOptimizer` (adam | adagrad | sgd) steps the few dense parameters (biases, VFM priors)
+with torch.optim's update rules, tested against them. torch.optim is not used itself: its
+first optimizer imports torch._dynamo, about two seconds of every run's start-up.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 
 from ravfm.distributed.world import World
 
-__all__ = ["all_reduce_dense_grads", "clip_grad_norm"]
+__all__ = ["all_reduce_dense_grads", "DenseOptimizer"]
 
 
 @torch.no_grad()
@@ -44,7 +50,81 @@ def all_reduce_dense_grads(model: nn.Module, world: World) -> None:
             offset += n
 
 
-def clip_grad_norm(params: list[Tensor], max_norm: float) -> Tensor:
-    """Scale the dense gradients so their global L2 norm is at most max_norm; returns the norm
-    before clipping. Call it after all_reduce_dense_grads: the grads are then equal on all ranks."""
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+class DenseOptimizer:
+    """Adam, Adagrad or SGD over `params`, as torch.optim.Adam / Adagrad / SGD (no weight
+    decay, no amsgrad, lr_decay 0). `param_groups[0]["lr"]` may change between steps;
+    `state_dict()` is {name: tensor} (safetensors-ready), `load_state_dict` its inverse."""
+
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        kind: str,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        initial_accumulator: float = 0.0,
+    ) -> None:
+        if kind not in ("adam", "adagrad", "sgd"):
+            raise ValueError(f"dense optimizer {kind!r} is not adam, adagrad or sgd")
+        self.params, self.kind = list(params), kind
+        self.param_groups = [{"lr": float(lr), "params": self.params}]
+        self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
+        zeros = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.state: dict[str, list[Tensor]] = {}
+        if kind == "adam":  # a step count per parameter: one without a gradient does not step
+            self.state = {
+                "exp_avg": zeros,
+                "exp_avg_sq": [z.clone() for z in zeros],
+                "step": [torch.zeros(1, dtype=torch.float64) for _ in self.params],
+            }
+        elif kind == "adagrad":
+            self.state = {"sum": [torch.full_like(p, initial_accumulator) for p in self.params]}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        lr = self.param_groups[0]["lr"]
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            if self.kind == "sgd":
+                p.add_(g, alpha=-lr)
+            elif self.kind == "adagrad":
+                s = self.state["sum"][i].addcmul_(g, g)
+                p.addcdiv_(g, s.sqrt().add_(self.eps), value=-lr)
+            else:
+                self._adam(p, g, i, lr)
+
+    def _adam(self, p: Tensor, g: Tensor, i: int, lr: float) -> None:
+        b1, b2 = self.betas
+        t = int(self.state["step"][i].add_(1).item())
+        m = self.state["exp_avg"][i].lerp_(g, 1 - b1)
+        v = self.state["exp_avg_sq"][i].mul_(b2).addcmul_(g, g, value=1 - b2)
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {}
+        for name, tensors in self.state.items():
+            for i, t in enumerate(tensors):
+                out[f"{name}/{i}"] = t.detach().cpu().contiguous()
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        want = {f"{n}/{i}" for n, ts in self.state.items() for i in range(len(ts))}
+        if set(state) != want:
+            from ravfm.errors import UserError
+
+            raise UserError(
+                "checkpoint dense optimizer state does not fit (another optim.dense or "
+                "model); resume with the checkpoint's config"
+            )
+        for name, tensors in self.state.items():
+            for i, t in enumerate(tensors):
+                t.copy_(state[f"{name}/{i}"].to(t))

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ravfm.config import OptimConfig
+from ravfm.distributed.dense import DenseOptimizer
 from ravfm.distributed.rows import LocalRows, SparseGrad
 from ravfm.errors import UserError
 from ravfm.model.layers import dense_parameters, is_table
@@ -264,9 +265,9 @@ def _tables(model: nn.Module) -> dict[str, nn.Module]:
 
 def build_optimizers(
     model: nn.Module, cfg: OptimConfig
-) -> tuple[SparseOptimizer, torch.optim.Optimizer | None]:
-    """(sparse optimizer over every table of `model`, torch.optim over the other parameters or
-    None when there are none). Build it after the model is on its device and dtype."""
+) -> tuple[SparseOptimizer, DenseOptimizer | None]:
+    """(sparse optimizer over every table of `model`, a DenseOptimizer over the other
+    parameters or None when there are none). Build it after the model is on its device."""
     tables = _tables(model)
     if cfg.sparse == "adagrad":
         rowwise = bool(getattr(cfg, "rowwise", False))  # optim.rowwise, where the config has it
@@ -280,10 +281,11 @@ def build_optimizers(
     dense = dense_parameters(model)
     if not dense:
         return sparse, None
-    if cfg.dense == "adam":
-        return sparse, torch.optim.Adam(dense, lr=cfg.dense_lr, betas=cfg.betas, eps=cfg.eps)
-    if cfg.dense == "adagrad":
-        return sparse, torch.optim.Adagrad(
-            dense, lr=cfg.dense_lr, eps=cfg.eps, initial_accumulator_value=cfg.initial_accumulator
-        )
-    return sparse, torch.optim.SGD(dense, lr=cfg.dense_lr)
+    return sparse, DenseOptimizer(
+        dense,
+        cfg.dense,
+        cfg.dense_lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        initial_accumulator=cfg.initial_accumulator,
+    )

@@ -66,74 +66,82 @@ def _criteo_key(x, keys, thresholds):
     return x if x < 0 else k
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-@numba.njit(inline="always")
-def _slot(key, shift):
-    return (np.uint64(key) * _GOLDEN) >> shift
-
-
-@numba.njit(inline="always")
-def _lookup(key, slot_keys, slot_vals, shift, oov):
-    """The compact row of hashed row `key`, or `oov` when it was not kept (open addressing)."""
-    m = slot_keys.shape[0] - 1
-    i = _slot(key, shift)
-    while True:
-        k = slot_keys[i]
-        if k == key:
-            return slot_vals[i]
-        if k < 0:
-            return oov
-        i = (i + np.uint64(1)) & np.uint64(m)
-
-
 @numba.njit(cache=True, nogil=True)
-def _build(kept, slot_keys, slot_vals, shift):
-    m = slot_keys.shape[0] - 1
+def _build(kept, slots):
+    empty = slots[0, 0]  # the table arrives filled with its empty marker
+    m = slots.shape[0] - 1
     for j in range(kept.shape[0]):
-        i = _slot(kept[j], shift)
-        while slot_keys[i] >= 0:
-            i = (i + np.uint64(1)) & np.uint64(m)
-        slot_keys[i] = kept[j]
-        slot_vals[i] = j + 1
+        i = kept[j] & m
+        while slots[i, 0] != empty:
+            i = (i + 1) & m
+        slots[i, 0] = kept[j]
+        slots[i, 1] = j + 1
 
 
-def build_remap(kept_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """An open-addressing table of the kept hashed rows: (slot_keys, slot_vals) int64, empty
-    slots -1; kept_rows[j] (sorted, unique, >= 1) maps to compact row j + 1. At most half full,
-    so a lookup probes about 1.5 slots; memory is proportional to the kept rows, not 2^bits."""
+def build_remap(kept_rows: np.ndarray) -> np.ndarray:
+    """An open-addressing table of the kept hashed rows: slots (cap, 2) of (hashed row, compact
+    row), empty slots all ones; kept_rows[j] (sorted, unique, >= 1) maps to compact row j + 1.
+
+    The slot of a row is its low bits (hashed rows are hash outputs: uniform), probing
+    linearly; at most half full. Key and value share a cache line, and uint32 when the rows fit
+    (8 bytes a slot): memory is proportional to the kept rows, not to 2^hash_bits."""
     kept = np.ascontiguousarray(kept_rows, dtype=np.int64)
     cap = 1 << max(4, int(2 * max(len(kept), 1) - 1).bit_length())
-    slot_keys = np.full(cap, -1, np.int64)
-    slot_vals = np.zeros(cap, np.int64)
-    _build(kept, slot_keys, slot_vals, _shift(cap))
-    return slot_keys, slot_vals
+    small = not len(kept) or (int(kept[-1]) < 2**32 - 1 and len(kept) < 2**32 - 1)
+    dtype = np.uint32 if small else np.uint64
+    slots = np.full((cap, 2), np.iinfo(dtype).max, dtype)
+    _build(kept.astype(dtype), slots)
+    return slots
 
 
-def _shift(cap: int) -> np.uint64:
-    return np.uint64(64 - (cap.bit_length() - 1))
+@numba.njit(inline="always")
+def _empty(slots):
+    return np.iinfo(slots.dtype).max
+
+
+@numba.njit(inline="always")
+def _remap_block(rows, n, slots, oov, first):
+    """rows[:n] (int64 hashed rows, 0 = padding) -> compact rows in place. The first probe of
+    every row is loaded in its own loop (independent loads the CPU overlaps), then resolved."""
+    m = slots.shape[0] - 1
+    empty = np.int64(_empty(slots))
+    for b in range(n):
+        first[b] = slots[rows[b] & m, 0]
+    for b in range(n):
+        r = rows[b]
+        if r == 0:
+            continue
+        i = r & m
+        k = np.int64(first[b])  # exact: keys are below 2^41, the empty marker wraps alike
+        while True:
+            if k == r:
+                rows[b] = np.int64(slots[i, 1])
+                break
+            if k == empty:
+                rows[b] = oov
+                break
+            i = (i + 1) & m
+            k = np.int64(slots[i, 0])
 
 
 @numba.njit(cache=True, nogil=True)
-def _remap(rows, slot_keys, slot_vals, shift, oov):
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        if r != 0:  # padding stays padding
-            rows[i] = _lookup(r, slot_keys, slot_vals, shift, oov)
+def _remap(rows, slots, oov):
+    first = np.empty(_BLOCK, slots.dtype)
+    for start in range(0, rows.shape[0], _BLOCK):
+        n = min(_BLOCK, rows.shape[0] - start)
+        _remap_block(rows[start:], n, slots, oov, first)
 
 
-def remap_rows(rows: np.ndarray, remap: tuple[np.ndarray, np.ndarray], oov: int) -> np.ndarray:
-    """Hashed rows (n,) int64 -> compact rows, in place: kept rows to their compact row, others
-    (but padding 0) to `oov`. Returns rows."""
-    flat = rows.reshape(-1)
-    _remap(flat, remap[0], remap[1], _shift(len(remap[0])), np.int64(oov))
+def remap_rows(rows: np.ndarray, slots: np.ndarray, oov: int) -> np.ndarray:
+    """Hashed rows (any shape) int64 -> compact rows, in place: a kept row to its compact row,
+    any other (but padding 0) to `oov`. slots: `build_remap`'s table. Returns rows."""
+    _remap(rows.reshape(-1), slots, np.int64(oov))
     return rows
 
 
 @numba.njit(cache=True, nogil=True)
 def _hash_block(values, valid, start, stop, bit_off, has_valid, sg, numeric, mask, row_off, oov,
-                col, slot_keys, slot_vals, shift, keys, thresholds, tmp, ids):  # fmt: skip
+                col, slots, first, keys, thresholds, tmp, ids):  # fmt: skip
     """ids[start:stop, col] of one field, through tmp (>= stop - start,) int64 in L1.
 
     Each step is its own tight loop (no invariant branch inside): read, nulls, Criteo keys,
@@ -153,24 +161,24 @@ def _hash_block(values, valid, start, stop, bit_off, has_valid, sg, numeric, mas
             tmp[b] = _criteo_key(tmp[b], keys, thresholds)
     for b in range(n):
         tmp[b] = np.int64(_splitmix64(np.uint64(tmp[b]) + sg) & mask) + row_off
-    if slot_keys.shape[0] > 0:
-        for b in range(n):
-            tmp[b] = _lookup(tmp[b], slot_keys, slot_vals, shift, oov)
+    if slots.shape[0] > 0:
+        _remap_block(tmp, n, slots, oov, first)
     for b in range(n):
         dst[b] = tmp[b]
 
 
 @numba.njit(cache=True, nogil=True)
 def _hash_fields(values, valid, bit_off, has_valid, sg, numeric, mask, row_off, oov, cols,
-                 slot_keys, slot_vals, shift, keys, thresholds, ids):  # fmt: skip
+                 slots, keys, thresholds, ids):  # fmt: skip
     n = ids.shape[0]
     tmp = np.empty(_BLOCK, np.int64)
+    first = np.empty(_BLOCK, slots.dtype)
     for start in range(0, n, _BLOCK):
         stop = min(n, start + _BLOCK)
         for j in range(len(values)):
             _hash_block(values[j], valid[j], start, stop, bit_off[j], has_valid[j], sg[j],
-                        numeric[j], mask[j], row_off[j], oov[j], cols[j], slot_keys, slot_vals,
-                        shift, keys, thresholds, tmp, ids)  # fmt: skip
+                        numeric[j], mask[j], row_off[j], oov[j], cols[j], slots, first, keys,
+                        thresholds, tmp, ids)  # fmt: skip
 
 
 def arrow_int_column(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -204,7 +212,7 @@ def hash_int_fields(
     columns: list[tuple[np.ndarray, np.ndarray, int]],
     fields: list,
     cols: list[int],
-    remap: tuple[np.ndarray, np.ndarray] | None,
+    remap: np.ndarray | None,
     ids: np.ndarray,
 ) -> None:
     """Write the table rows of integer scalar fields into ids (B, F) int64, in place.
@@ -218,17 +226,15 @@ def hash_int_fields(
     for (values, valid, bit_off), c in zip(columns, cols):  # the kernel does no bounds checks
         if len(values) != n or not 0 <= c < width or (len(valid) and len(valid) * 8 < bit_off + n):
             raise ValueError(f"column of {len(values)} rows for ids {ids.shape} at column {c}")
-    if ids.dtype != np.int64 or (
-        remap is not None
-        and (len(remap[0]) != len(remap[1]) or len(remap[0]) & (len(remap[0]) - 1))
-    ):
-        raise ValueError("ids must be int64 and remap a power-of-two table of keys and values")
+    bad_remap = remap is not None and (
+        remap.ndim != 2 or remap.shape[1] != 2 or not len(remap) or len(remap) & (len(remap) - 1)
+    )
+    if ids.dtype != np.int64 or bad_remap:
+        raise ValueError("ids must be int64 and remap a (power of two, 2) table of build_remap")
     by_dtype: dict[np.dtype, list[int]] = {}
     for j, (values, _, _) in enumerate(columns):
         by_dtype.setdefault(values.dtype, []).append(j)
-    empty = np.zeros(0, np.int64)
-    slot_keys, slot_vals = remap if remap is not None else (empty, empty)
-    shift = _shift(len(slot_keys)) if len(slot_keys) else np.uint64(0)
+    slots = remap if remap is not None else np.zeros((0, 2), np.uint32)
     for group in by_dtype.values():  # one compiled call per column dtype (a homogeneous tuple)
         fs = [fields[j] for j in group]
         _hash_fields(
@@ -242,9 +248,7 @@ def hash_int_fields(
             np.array([f.offset for f in fs], np.int64),
             np.array([f.oov_row for f in fs], np.int64),
             np.array([cols[j] for j in group], np.int64),
-            slot_keys,
-            slot_vals,
-            shift,
+            slots,
             _key_table(),
             _criteo_thresholds(),
             ids,

@@ -122,7 +122,7 @@ class FeatureSpec:
         return self.kept_rows is not None
 
     @functools.cached_property
-    def remap(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def remap(self) -> np.ndarray | None:
         """The hashed -> compact row table (ravfm.features.kernels.build_remap), or None."""
         if self.kept_rows is None:
             return None

@@ -16,7 +16,6 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -27,7 +26,7 @@ from ravfm.data.index import read_index, split_paths
 from ravfm.errors import UserError
 from ravfm.features.spec import FeatureSpec, build_spec
 from ravfm.features.transform import check_schema, field_ids, multi_items
-from ravfm.storage import Store
+from ravfm.storage import Store, open_url
 
 __all__ = ["run_stats", "load_frequencies", "count_rows", "FREQ_NAME", "MAX_MULTI_WIDTH"]
 
@@ -39,16 +38,28 @@ _MERGE_ROWS = 1 << 21  # partial counts held before a merge (at least the merged
 
 
 def _batches(paths: list[str], columns: list[str]) -> Iterator[pl.DataFrame]:
+    """Every row group of `paths` (page checksums verified) as frames of up to _BATCH rows;
+    a damaged one is one UserError naming the file and the row group."""
     for path in paths:
-        with fsspec.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            for rb in pf.iter_batches(batch_size=_BATCH, columns=columns):
-                yield pl.from_arrow(pa.Table.from_batches([rb]))
+        group = None
+        try:
+            with open_url(path) as fh:
+                pf = pq.ParquetFile(fh, page_checksum_verification=True)
+                for group in range(pf.num_row_groups):
+                    table = pf.read_row_group(group, columns=columns)
+                    for rb in table.to_batches(max_chunksize=_BATCH):
+                        yield pl.from_arrow(pa.Table.from_batches([rb]))
+        except (OSError, pa.ArrowException) as e:
+            where = f"row group {group}" if group is not None else "its footer"
+            raise UserError(
+                f"{path}: {where} cannot be read ({str(e).splitlines()[0]}); the shard is "
+                "damaged: re-run `ravfm convert` for this dataset"
+            ) from None
 
 
 def _shard_schema(path: str) -> pa.Schema:
     try:
-        with fsspec.open(path, "rb") as fh:
+        with open_url(path) as fh:
             return pq.ParquetFile(fh).schema_arrow
     except (OSError, pa.ArrowException) as e:
         raise UserError(

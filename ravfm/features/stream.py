@@ -33,6 +33,7 @@ from ravfm.data.schemas import ROW_COLUMN
 from ravfm.errors import UserError
 from ravfm.features.spec import FeatureSpec
 from ravfm.features.transform import transform
+from ravfm.storage import open_url
 
 __all__ = [
     "RowGroup",
@@ -58,13 +59,6 @@ class RowGroup:
     rows: int
 
 
-def _open(path: str):
-    import fsspec
-
-    fs, p = fsspec.core.url_to_fs(str(path))
-    return fs.open(p, "rb")
-
-
 def row_groups(paths: list[str]) -> list[RowGroup]:
     """Every row group of `paths` (local paths or fsspec URLs), in file order."""
     import pyarrow.parquet as pq
@@ -72,7 +66,7 @@ def row_groups(paths: list[str]) -> list[RowGroup]:
     out = []
     for path in paths:
         try:
-            with _open(path) as f:
+            with open_url(path) as f:
                 md = pq.ParquetFile(f).metadata
         except (OSError, pa.ArrowException) as e:
             raise UserError(
@@ -101,7 +95,7 @@ def split_groups(shards: str, index: dict, split: str, spec: FeatureSpec) -> lis
     for entry in (s for s in index["shards"] if s["split"] == split):
         path = shard_url(shards, entry["path"])
         try:
-            with _open(path) as f:
+            with open_url(path) as f:
                 pf = pq.ParquetFile(f)
                 md, schema = pf.metadata, pf.schema_arrow
         except FileNotFoundError:
@@ -154,8 +148,8 @@ def read_group(g: RowGroup, spec: FeatureSpec, keep: tuple[str, ...] = ()) -> Bl
 
     want = {*spec.columns, spec.label, ROW_COLUMN, *keep} - {None}
     try:
-        with _open(g.path) as f:
-            pf = pq.ParquetFile(f)
+        with open_url(g.path) as f:
+            pf = pq.ParquetFile(f, page_checksum_verification=True)
             cols = [c for c in pf.schema_arrow.names if c in want]
             table = pf.read_row_group(g.group, columns=cols)
     except (OSError, pa.ArrowException) as e:

@@ -3,7 +3,7 @@
 Layout of `<run>/checkpoints/step-000000123/` (a local directory or an object-store prefix):
   spec/                      the feature spec (and the frequency table RaFM's levels come from)
   dense.safetensors          replicated parameters and buffers (bias, VFM priors, RaFM remaps)
-  dense_optim.pt             the dense optimizer's state dict (tensors and numbers only)
+  dense_optim.safetensors    the dense optimizer's state (ravfm.distributed.dense.DenseOptimizer)
   rows-00000-of-00002.safetensors   each rank's embedding rows and their optimizer state, keyed by
                              global row id, so a run can resume on a different number of workers
   seen-00000.npy             row numbers each rank consumed in the current epoch (exact resume)
@@ -14,8 +14,8 @@ Every rank writes its own rows straight to the checkpoint's storage and reports 
 rank 0 writes the shared files and then the manifest. A checkpoint without a manifest is
 incomplete (a crash mid-write) and is never read; one whose files do not match their manifest
 entries is refused naming the file. Choosing the newest checkpoint of a directory skips both
-kinds with one line each. Nothing is unpickled: tensors go through safetensors, optimizer state
-through torch.load(weights_only=True), each only after its checksum matched.
+kinds with one line each. Nothing is unpickled: every tensor goes through safetensors, and
+only after its file's checksum matched.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def save_checkpoint(
     *,
     model: nn.Module,
     sparse_opt: Any,
-    dense_opt: torch.optim.Optimizer | None,
+    dense_opt: Any,
     world: Any,
     manifest: dict,
     spec_dir: str,
@@ -145,9 +145,9 @@ def save_checkpoint(
             files.update(part)
         files["dense.safetensors"] = _put_tensors(store, "dense.safetensors", dense_state(model))
         if dense_opt is not None:
-            buf = io.BytesIO()
-            torch.save(dense_opt.state_dict(), buf)
-            files["dense_optim.pt"] = store.write_bytes("dense_optim.pt", buf.getvalue())
+            files["dense_optim.safetensors"] = _put_tensors(
+                store, "dense_optim.safetensors", dense_opt.state_dict()
+            )
         spec = Store(spec_dir)
         for f in spec.walk_files():
             if not f.endswith(".tmp") and "/.tmp" not in f:
@@ -277,7 +277,7 @@ def load_checkpoint(
     *,
     model: nn.Module,
     sparse_opt: Any = None,
-    dense_opt: torch.optim.Optimizer | None = None,
+    dense_opt: Any = None,
     meta: dict | None = None,
 ) -> dict:
     """Load checkpoint `path` into `model` (and optimizers); every rank reads every rows file
@@ -321,9 +321,8 @@ def load_checkpoint(
         if sparse_opt is not None:
             state = {k[len("optim/") :]: v for k, v in rows.items() if k.startswith("optim/")}
             sparse_opt.import_state(state)
-    if dense_opt is not None and "dense_optim.pt" in meta["files"]:
-        blob = io.BytesIO(store.read_bytes("dense_optim.pt"))
-        dense_opt.load_state_dict(torch.load(blob, weights_only=True))
+    if dense_opt is not None and "dense_optim.safetensors" in meta["files"]:
+        dense_opt.load_state_dict(_load_tensors(store, "dense_optim.safetensors"))
     return meta
 
 
@@ -338,15 +337,18 @@ def load_seen(meta: dict) -> np.ndarray:
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
-def load_model(path: str, device: str = "cpu") -> tuple[nn.Module, Any, dict]:
+def load_model(
+    path: str, device: str = "cpu", meta: dict | None = None
+) -> tuple[nn.Module, Any, dict]:
     """A checkpoint's model in one process for inference: (model in eval mode, spec, manifest).
-    All rows of every rank's file are loaded into local tables."""
+    All rows of every rank's file are loaded into local tables. meta: the manifest, when the
+    caller already read and verified it."""
     from ravfm.config import RunConfig, from_dict
     from ravfm.distributed.rows import skip_init
     from ravfm.distributed.world import World
     from ravfm.train.setup import build_for_training
 
-    meta = read_manifest(path)
+    meta = meta or read_manifest(path)
     cfg = from_dict(RunConfig, meta["config"])
     world = World.single(torch.device(device))
     spec_dir = Store(meta["path"]).url_of("spec")

@@ -25,6 +25,7 @@ import torch
 from ravfm.config import RunConfig, to_dict
 from ravfm.distributed.optim import build_optimizers
 from ravfm.distributed.world import World
+from ravfm.runtime import old_objects_frozen
 from ravfm.storage import Store
 from ravfm.train.checkpoint import latest_checkpoint, load_checkpoint, load_seen, save_checkpoint
 from ravfm.train.feed import Feed
@@ -229,6 +230,11 @@ def _restore_best(run: Run, st: _State) -> None:
 
 def fit(run: Run) -> dict:
     """Train `run` to the end on this rank (all ranks call it); returns the summary."""
+    with old_objects_frozen():
+        return _fit(run)
+
+
+def _fit(run: Run) -> dict:
     cfg = run.cfg
     st = _State(run)
     _restore(run, st)
