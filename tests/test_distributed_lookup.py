@@ -116,3 +116,28 @@ def test_bag_norms_alone_get_their_gradient():
     expected = 2 * rows.detach() * hits[:, None]
     expected[:, 0] = 0  # column 0 is outside the group
     torch.testing.assert_close(rows.grad, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_rows, m", [(50, 400), (1000, 300), (7, 1)])
+def test_counting_dedupe_equals_the_sort(n_rows, m):
+    """The counting sort (CPU training lookups) gives the same Dedup as torch.sort does, and
+    leaves its scratch clean for the next call."""
+    from ravfm.distributed.lookup import CountingScratch
+
+    scratch = CountingScratch(n_rows)
+    g = torch.Generator().manual_seed(n_rows + m)
+    for _ in range(3):
+        ids = torch.randint(0, n_rows, (m,), generator=g)
+        a, b = dedupe(ids), dedupe(ids, scratch)
+        for field in ("uniq", "inv", "crow"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        assert torch.equal(b.perm, torch.sort(ids, stable=True).indices)  # stable: positions
+        for u in range(len(a.uniq)):  # ascending within a segment; the sort's in any order
+            seg = slice(int(a.crow[u]), int(a.crow[u + 1]))
+            assert torch.equal(a.perm[seg].sort().values, b.perm[seg])
+        assert not scratch.counts.any() and not scratch.slot.any()
+    bad = torch.zeros(n_rows, dtype=torch.int64)
+    bad[-1] = n_rows  # one id past the table
+    with pytest.raises(IndexError):
+        dedupe(bad, scratch)
+    assert not scratch.counts.any()

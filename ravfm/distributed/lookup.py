@@ -14,11 +14,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Dedup", "dedupe", "expand", "bag", "coalesce"]
+__all__ = ["Dedup", "dedupe", "expand", "bag", "coalesce", "CountingScratch"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -55,9 +57,74 @@ class Dedup:
             return csr @ values.contiguous()
 
 
-def dedupe(ids: Tensor) -> Dedup:
-    """ids (M,) int64, non-negative -> Dedup. One sort (int32 keys when they fit: faster)."""
+@numba.njit(cache=True, nogil=True)
+def _count_dedupe(ids, counts, slot, uniq, inv, crow, perm):
+    """Counting-sort dedupe of ids (M,) < N: counts, slot (N,) int64 scratch, zero on entry and
+    on exit. Fills uniq (ascending), inv, crow, perm; returns U."""
+    m_all, n = ids.shape[0], counts.shape[0]
+    for m in range(m_all):
+        if ids[m] < 0 or ids[m] >= n:
+            for k in range(m):  # leave the scratch zero, then report
+                counts[ids[k]] = 0
+            return -1
+        counts[ids[m]] += 1
+    u = 0
+    for r in range(counts.shape[0]):  # ascending: a scan of N, cheap when N is near M
+        c = counts[r]
+        if c:
+            uniq[u] = r
+            slot[r] = u
+            crow[u + 1] = crow[u] + c
+            u += 1
+    for j in range(u):
+        counts[uniq[j]] = crow[j]  # now the next free position of row uniq[j]
+    for m in range(m_all):
+        r = ids[m]
+        k = slot[r]
+        inv[m] = k
+        perm[counts[r]] = m
+        counts[r] += 1
+    for j in range(u):
+        counts[uniq[j]] = 0
+        slot[uniq[j]] = 0
+    return u
+
+
+class CountingScratch:
+    """Per-table scratch for the counting dedupe: two (N,) arrays, zero between calls."""
+
+    def __init__(self, num_rows: int) -> None:
+        self.counts = np.zeros(num_rows, np.int64)
+        self.slot = np.zeros(num_rows, np.int64)
+
+
+def _dedupe_counting(ids: Tensor, scratch: CountingScratch) -> Dedup:
+    m = ids.numel()
+    uniq = np.empty(min(m, scratch.counts.shape[0]), np.int64)
+    inv, perm = np.empty(m, np.int64), np.empty(m, np.int64)
+    crow = np.zeros(uniq.shape[0] + 1, np.int64)
+    u = _count_dedupe(ids.numpy(), scratch.counts, scratch.slot, uniq, inv, crow, perm)
+    if u < 0:
+        raise IndexError(f"ids must be in [0, {scratch.counts.shape[0]})")
+    return Dedup(
+        torch.from_numpy(uniq[:u]), torch.from_numpy(inv),
+        torch.from_numpy(crow[: u + 1]), torch.from_numpy(perm),
+    )  # fmt: skip
+
+
+def dedupe(ids: Tensor, scratch: CountingScratch | None = None) -> Dedup:
+    """ids (M,) int64, non-negative -> Dedup. On CPU with a scratch (ids < its N, and N not
+    much larger than M) one counting sort in O(M + N); else one sort (int32 keys when they
+    fit: faster). Both give the same Dedup: the counting sort is stable too."""
     ids = ids.reshape(-1)
+    if (
+        scratch is not None
+        and ids.device.type == "cpu"
+        and ids.dtype == torch.int64
+        and ids.numel()
+        and scratch.counts.shape[0] <= 8 * ids.numel()
+    ):
+        return _dedupe_counting(ids.contiguous(), scratch)
     small = ids.numel() > 0 and int(ids.max()) <= _INT32_MAX
     keys = ids.to(torch.int32) if small else ids
     sorted_keys, perm = torch.sort(keys)

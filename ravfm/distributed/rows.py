@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ravfm.distributed.lookup import Dedup, bag, coalesce, dedupe, expand
+from ravfm.distributed.lookup import CountingScratch, Dedup, bag, coalesce, dedupe, expand
 from ravfm.model.layers import Init
 
 __all__ = ["SparseGrad", "LocalRows"]
@@ -120,6 +120,7 @@ class LocalRows(nn.Module):
         )
         self.register_buffer("storage", weight)
         self._grads: list[SparseGrad] = []
+        self._scratch: CountingScratch | None = None  # the training lookups' dedupe scratch
 
     @property
     def weight(self) -> Tensor:
@@ -147,9 +148,12 @@ class LocalRows(nn.Module):
     def _unique_rows(self, local: Tensor) -> tuple[Tensor, Dedup]:
         """local (M,) indices -> (rows (U, dim) of the unique indices, Dedup); the rows are
         differentiable into this table's sparse gradient when gradients are enabled."""
-        d = dedupe(local)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():  # (no shared scratch: inference may run in threads)
+            d = dedupe(local)
             return self.weight.index_select(0, d.uniq), d
+        if self._scratch is None and self.storage.device.type == "cpu":
+            self._scratch = CountingScratch(self.storage.shape[0])
+        d = dedupe(local, self._scratch)
         anchor = torch.empty(0, device=self.storage.device, requires_grad=True)
         return _Gather.apply(anchor, self.storage, self.dim, d, self._grads.append), d
 
