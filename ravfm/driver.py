@@ -173,11 +173,14 @@ def train(
     """Train `cfg` end to end; returns the summary (also in RUN_DIR/summary.json)."""
     from ravfm.features.spec import FeatureSpec
     from ravfm.features.stream import split_groups
+    from ravfm.settings import process_age
     from ravfm.train.start import check_start_checkpoint
 
     t0 = time.time()
+    timings = {"startup": process_age()}  # interpreter and imports, when run as a command
     _check_start(cfg, resume, init)
     shards, spec_dir, index = prepare_data(cfg)
+    timings["data"] = time.time() - t0
     spec = FeatureSpec.load(spec_dir)
     cfg = with_task(cfg, spec)
     for path in (resume, init):
@@ -189,9 +192,10 @@ def train(
         raise UserError(f"{shards} has no train rows; check data.split and the source")
     run_dir = Store(cfg.run_dir)
     run_dir.write_json("config.json", to_dict(cfg))
+    timings["checks"] = time.time() - t0 - timings["data"]
     job = {"cfg": cfg, "spec_dir": spec_dir, "run_dir": run_dir.url, "groups": groups,
            "n_train": n_train, "resume": resume, "init": init, "reset_optimizer": reset_optimizer,
-           "threads": local_threads(cfg)}  # fmt: skip
+           "threads": local_threads(cfg), "timings": timings}  # fmt: skip
     where = (
         f"{cfg.model.name} on {cfg.data.dataset} ({n_train:,} train rows, {spec.num_fields} "
         f"fields, {spec.num_rows:,} table rows); run dir {run_dir.url}"

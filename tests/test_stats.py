@@ -192,3 +192,23 @@ def test_cli_stats_writes_spec_and_reports_user_errors(shards, tmp_path, capsys)
     assert main(["stats", str(d), "fields=[nope]", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ravfm stats: error: features.fields names 'nope'")
+
+
+@pytest.mark.parametrize("dataset", ["criteo", "avazu"])
+@pytest.mark.parametrize("min_count", [1, 4])
+def test_fast_dense_count_equals_the_general_count(shared_data, tmp_path, dataset, min_count):
+    """The dense count (scalar fields, compiled hashing, bincount) against the general
+    (field, row)-pair count: the same spec, kept rows, frequencies and label statistics."""
+    from ravfm.data.convert import convert
+
+    src = {"criteo": "criteo/dac_sample_8k.txt", "avazu": "avazu/avazu_sample_9k.csv"}[dataset]
+    convert(dataset, str(shared_data / src), tmp_path / "s", rows_per_shard=3000)
+    cfg = FeatureConfig(hash_bits=14, min_count=min_count)
+    fast = run_stats(str(tmp_path / "s"), str(tmp_path / "fast"), cfg, threads=2)
+    slow = run_stats(str(tmp_path / "s"), str(tmp_path / "slow"), cfg, general=True)
+    assert fast == slow and fast.fingerprint == slow.fingerprint
+    assert fast.kept_rows.tolist() == slow.kept_rows.tolist()
+    assert fast.label_stats == pytest.approx(slow.label_stats) and fast.label_stats["n"] > 0
+    a = pl.read_parquet(tmp_path / "fast" / "frequencies.parquet")
+    b = pl.read_parquet(tmp_path / "slow" / "frequencies.parquet")
+    assert a.equals(b)

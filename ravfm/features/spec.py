@@ -94,6 +94,8 @@ class FeatureSpec:
     versions: dict = field(default_factory=dict, compare=False)
     format_version: int = FORMAT_VERSION
     kept_rows: np.ndarray | None = field(default=None, compare=False, repr=False)  # sorted int64
+    # train labels: {"n", "mean", "min", "max"} (regression: bias start and prediction range)
+    label_stats: dict = field(default_factory=dict, compare=False)
 
     # ---- derived shape facts ------------------------------------------------------------
     @property
@@ -337,6 +339,10 @@ def build_spec(
                 f"features.hash_bits={bits} is too small for {n} per-field blocks; "
                 f"use at least {bits - block_bits + 1} or features.id_space=shared"
             )
+    if kept_rows is not None:  # sorted and unique: kept row j is compact row j + 1
+        kept_rows = np.asarray(kept_rows, np.int64)
+        if len(kept_rows) > 1 and not (kept_rows[1:] > kept_rows[:-1]).all():
+            kept_rows = np.unique(kept_rows)
     hashed_end = 1 + (1 << bits)  # rows [1, hashed_end) are hashed rows in either layout
     out = []
     for i, name in enumerate(names):
@@ -363,7 +369,7 @@ def build_spec(
                 seed=field_seed(name, cfg.seed),
                 offset=offset,
                 buckets=1 << block_bits,
-                oov_row=(hashed_end if kept_rows is None else 1 + len(np.unique(kept_rows))) + i,
+                oov_row=(hashed_end if kept_rows is None else 1 + len(kept_rows)) + i,
                 width=int(width),
                 bucketiser=bucketiser,
                 edges=fe,
@@ -382,5 +388,5 @@ def build_spec(
         id_space=cfg.id_space,
         min_count=cfg.min_count,
         versions={"polars": pl.__version__, "polars_hash": polars_hash.__version__},
-        kept_rows=None if kept_rows is None else np.unique(np.asarray(kept_rows, np.int64)),
+        kept_rows=kept_rows,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ravfm.data.index import read_index, split_paths
 from ravfm.errors import UserError
 from ravfm.features.spec import FeatureSpec, build_spec
 from ravfm.features.transform import check_schema, field_ids, multi_items
+from ravfm.settings import local_cpus
 from ravfm.storage import Store, open_url
 
 __all__ = ["run_stats", "load_frequencies", "count_rows", "FREQ_NAME", "MAX_MULTI_WIDTH"]
@@ -133,8 +135,83 @@ def _fit_edges(
     return edges
 
 
-def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
-    """Count the train split's rows, fold rare ones, write out/feature_spec.json + frequencies."""
+_DENSE_MAX = 1 << 26  # hashed rows counted in one dense array (8 bytes each) at most
+_KEEP_BYTES = 1 << 30  # hashed ids held between the two passes of the dense count
+
+
+class _Labels:
+    """Running count, sum, min and max of the train labels (the regression bias starts at the
+    mean; predictions are clipped to [min, max])."""
+
+    def __init__(self) -> None:
+        self.n, self.total, self.lo, self.hi = 0, 0.0, math.inf, -math.inf
+
+    def add(self, y: np.ndarray) -> None:
+        if len(y):
+            self.n += len(y)
+            self.total += float(y.sum(dtype=np.float64))
+            self.lo, self.hi = min(self.lo, float(y.min())), max(self.hi, float(y.max()))
+
+    def stats(self) -> dict:
+        if not self.n:
+            return {}
+        return {"n": self.n, "mean": self.total / self.n, "min": self.lo, "max": self.hi}
+
+
+def _count_dense(
+    paths: list[str], spec: FeatureSpec, threads: int
+) -> tuple[pl.DataFrame, np.ndarray, int, int, _Labels]:
+    """The fast count for specs of scalar fields: the train rows hashed by the compiled
+    transform (a thread pool), every hashed row counted in one dense array, and, with
+    min_count > 1, a second pass counting per field the positions whose row was not kept.
+    Returns what _fold does (frequencies, kept rows, #folded) and the rows and labels seen."""
+    from ravfm.features.stream import row_groups, thread_blocks
+
+    counts = np.zeros(spec.num_rows, np.int64)
+    labels, seen = _Labels(), 0
+    groups = row_groups(paths)
+    # The hashed ids are kept for the per-field pass when they fit in _KEEP_BYTES (as uint32),
+    # else that pass hashes the rows again.
+    keep = (
+        spec.min_count > 1
+        and spec.num_rows < 2**32
+        and (sum(g.rows for g in groups) * spec.num_fields * 4 <= _KEEP_BYTES)
+    )
+    held: list[np.ndarray] = []
+    for block in thread_blocks(groups, spec, threads, with_rows=False):
+        counts += np.bincount(block["ids"].ravel(), minlength=spec.num_rows)
+        labels.add(block["label"])
+        seen += len(block["label"])
+        if keep:
+            held.append(block["ids"].astype(np.uint32))
+    kept = np.flatnonzero(counts >= spec.min_count).astype(np.int64)
+    kept = kept[kept > 0]
+    oov = np.zeros(len(spec.fields), np.int64)
+    if spec.min_count > 1:
+        folded = counts < spec.min_count
+        again = held or (b["ids"] for b in thread_blocks(groups, spec, threads, with_rows=False))
+        for ids in again:
+            oov += folded[ids].sum(axis=0)
+    n_kept = len(kept)
+    freq = pl.DataFrame(
+        {
+            "row": np.concatenate([np.arange(1, n_kept + 1), n_kept + 1 + np.arange(len(oov))]),
+            "count": np.concatenate([counts[kept], oov]),
+        },
+        schema={"row": pl.Int64, "count": pl.Int64},
+    ).filter(pl.col("count") > 0)
+    n_folded = int(np.count_nonzero(counts[1:])) - n_kept
+    return freq, kept, n_folded, seen, labels
+
+
+def run_stats(
+    shards: str, out: str, cfg: FeatureConfig, *, threads: int | None = None, general: bool = False
+) -> FeatureSpec:
+    """Count the train split's rows, fold rare ones, write out/feature_spec.json + frequencies.
+
+    Specs of scalar fields (Criteo, Avazu, MovieLens ids) over at most 2^26 hashed rows take
+    the fast dense count (`threads` threads, default all); others, or general=True, the
+    general one ((field, row) pairs merged by Polars). Both give the same spec and counts."""
     index = read_index(shards)
     paths = split_paths(shards, "train")
     if not paths:
@@ -149,21 +226,20 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
     if cfg.numeric == "quantile":
         edges = _fit_edges(paths, probe, cfg.quantile_buckets, total, cfg.seed)
     base = build_spec(index, cfg, edges=edges)
-    label = index.get("label") if index.get("label") in index["schema"] else None
-    columns = sorted(set(base.columns) | {label} - {None})
-    counts, longest, rows_seen, unit_labels = _PairCounts(), {}, 0, True
-    for df in _batches(paths, columns):
-        keys, lg = count_rows(df, base)
-        counts.add(keys)
-        longest = {k: max(v, longest.get(k, 0)) for k, v in lg.items()}
-        rows_seen += df.height
-        if label is not None:
-            unit_labels &= bool(df[label].cast(pl.Float64).is_in([-1.0, 0.0, 1.0]).all())
-    # libSVM/libFM files hold either click labels (-1/+1, 0/1) or ratings: tell them apart.
-    task = None if index.get("dataset") != "libsvm" else ("binary" if unit_labels else "regression")
-    widths = {k: max(1, min(v, MAX_MULTI_WIDTH)) for k, v in longest.items()}
-    freq, kept, n_folded = _fold(counts.collect(), base)
+    fast = (
+        not general
+        and index.get("dataset") != "libsvm"
+        and all(f.kind != "multi" for f in base.fields)
+        and base.num_rows <= _DENSE_MAX
+    )
+    if fast:
+        threads = threads or local_cpus()
+        freq, kept, n_folded, rows_seen, labels = _count_dense(paths, base, threads)
+        task, widths = None, {}
+    else:
+        freq, kept, n_folded, rows_seen, labels, task, widths = _count_general(paths, index, base)
     spec = build_spec(index, cfg, task=task, edges=edges, widths=widths, kept_rows=kept)
+    spec = dataclasses.replace(spec, label_stats=labels.stats())
     outp = Store(out)
     spec.save(out)
     buf = io.BytesIO()
@@ -176,6 +252,27 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
         f"wrote {outp.url_of('feature_spec.json')}"
     )
     return spec
+
+
+def _count_general(paths: list[str], index: dict, base: FeatureSpec) -> tuple:
+    """The general count: (field, row) pairs of every batch merged by Polars."""
+    label = index.get("label") if index.get("label") in index["schema"] else None
+    columns = sorted(set(base.columns) | {label} - {None})
+    counts, longest, rows_seen, unit_labels, labels = _PairCounts(), {}, 0, True, _Labels()
+    for df in _batches(paths, columns):
+        keys, lg = count_rows(df, base)
+        counts.add(keys)
+        longest = {k: max(v, longest.get(k, 0)) for k, v in lg.items()}
+        rows_seen += df.height
+        if label is not None:
+            y = df[label].cast(pl.Float64)
+            unit_labels &= bool(y.is_in([-1.0, 0.0, 1.0]).all())
+            labels.add(y.drop_nulls().to_numpy())
+    # libSVM/libFM files hold either click labels (-1/+1, 0/1) or ratings: tell them apart.
+    task = None if index.get("dataset") != "libsvm" else ("binary" if unit_labels else "regression")
+    widths = {k: max(1, min(v, MAX_MULTI_WIDTH)) for k, v in longest.items()}
+    freq, kept, n_folded = _fold(counts.collect(), base)
+    return freq, kept, n_folded, rows_seen, labels, task, widths
 
 
 def _fold(acc: pl.DataFrame, spec: FeatureSpec) -> tuple[pl.DataFrame, np.ndarray, int]:

@@ -132,21 +132,30 @@ def rank_groups(
     return order[rank::size]
 
 
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    # Array.to_numpy, not ChunkedArray.to_numpy: the latter imports pandas (0.3 s of start-up)
+    return table.column(name).combine_chunks().to_numpy(zero_copy_only=False)
+
+
 def hash_table(table: pa.Table, spec: FeatureSpec, keep: tuple[str, ...] = ()) -> Block:
     """An Arrow table -> {"ids", "values", "label", ["row"], kept columns} (see `transform`)."""
     out = transform(table, spec)
     if ROW_COLUMN in table.column_names:
-        out["row"] = table.column(ROW_COLUMN).to_numpy(zero_copy_only=False).astype(np.int64)
+        out["row"] = _column(table, ROW_COLUMN).astype(np.int64, copy=False)
     for col in keep:
-        out[col] = table.column(col).to_numpy(zero_copy_only=False)
+        out[col] = _column(table, col)
     return out
 
 
-def read_group(g: RowGroup, spec: FeatureSpec, keep: tuple[str, ...] = ()) -> Block:
-    """Read row group `g` (the columns the spec needs, the row numbers, `keep`) and hash it."""
+def read_group(
+    g: RowGroup, spec: FeatureSpec, keep: tuple[str, ...] = (), with_rows: bool = True
+) -> Block:
+    """Read row group `g` (the columns the spec needs, the row numbers unless not with_rows,
+    `keep`) and hash it."""
     import pyarrow.parquet as pq
 
-    want = {*spec.columns, spec.label, ROW_COLUMN, *keep} - {None}
+    want = {*spec.columns, spec.label, *keep} | ({ROW_COLUMN} if with_rows else set())
+    want -= {None}
     try:
         with open_url(g.path) as f:
             pf = pq.ParquetFile(f, page_checksum_verification=True)
@@ -166,7 +175,11 @@ def read_group(g: RowGroup, spec: FeatureSpec, keep: tuple[str, ...] = ()) -> Bl
 
 
 def thread_blocks(
-    groups: Iterable[RowGroup], spec: FeatureSpec, threads: int, keep: tuple[str, ...] = ()
+    groups: Iterable[RowGroup],
+    spec: FeatureSpec,
+    threads: int,
+    keep: tuple[str, ...] = (),
+    with_rows: bool = True,
 ) -> Iterator[Block]:
     """Blocks of `groups` in order, `threads` groups read and hashed at a time in parallel.
 
@@ -175,11 +188,13 @@ def thread_blocks(
     pending = list(groups)
     if threads <= 1:
         for g in pending:
-            yield read_group(g, spec, keep)
+            yield read_group(g, spec, keep, with_rows)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="ravfm-hash") as pool:
         for i in range(0, len(pending), threads):
-            burst = list(pool.map(lambda g: read_group(g, spec, keep), pending[i : i + threads]))
+            burst = list(
+                pool.map(lambda g: read_group(g, spec, keep, with_rows), pending[i : i + threads])
+            )
             yield from burst
 
 

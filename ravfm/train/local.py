@@ -64,7 +64,7 @@ def train_local(job: dict[str, Any], where: str) -> dict:
         init=job["init"],
         reset_optimizer=job["reset_optimizer"],
         show=printer,
-        extra_summary={"engine": "local", "threads": threads},
+        extra_summary={"engine": "local", "threads": threads, "timings": job["timings"]},
     )
     try:
         return fit(run)

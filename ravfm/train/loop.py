@@ -88,6 +88,7 @@ class _State:
         self.history: dict[str, Any] = {}
         self.skip: np.ndarray | None = None
         self.started_from: dict | None = None
+        self.timings: dict[str, float] = {}  # seconds by phase, for the summary
 
     def load(self, path: str, *, optimizers: bool = True) -> dict:
         return load_checkpoint(
@@ -185,12 +186,14 @@ def _epoch(run: Run, st: _State, telemetry: Telemetry) -> bool:
     seconds = time.perf_counter() - t0
     batches = run.feed.evaluate("valid")
     valid = st.trainer.evaluate(batches) if batches is not None else {}
+    valid_seconds = time.perf_counter() - t0 - seconds
     st.skip = None
     record = {
         "epoch": pos.epoch,
         "train": train_metrics,
         "valid": valid,
         "seconds": seconds,
+        "valid_seconds": valid_seconds,
         "first_batch_seconds": st.trainer.first_batch_seconds or 0.0,
         "seen": _world_sum(world, pos.epoch_samples),
     }
@@ -204,7 +207,9 @@ def _epoch(run: Run, st: _State, telemetry: Telemetry) -> bool:
     elif value is not None:
         h["bad_epochs"] = h.get("bad_epochs", 0) + 1
     pos.next_epoch()
+    t1 = time.perf_counter()
     _checkpoint(run, st, mid_epoch=False, protect=_best(st))
+    st.timings["checkpoint"] = st.timings.get("checkpoint", 0.0) + time.perf_counter() - t1
     patience = cfg.train.early_stopping_patience
     return bool(cfg.train.max_steps and pos.step >= cfg.train.max_steps) or bool(
         patience and h.get("bad_epochs", 0) >= patience
@@ -236,8 +241,10 @@ def fit(run: Run) -> dict:
 
 def _fit(run: Run) -> dict:
     cfg = run.cfg
+    t0 = time.perf_counter()
     st = _State(run)
     _restore(run, st)
+    st.timings["build"] = time.perf_counter() - t0
     telemetry = Telemetry(
         run.run_dir, cfg, run.world, steps_per_epoch=st.steps_per_epoch,
         start=st.started_from or {}, show=run.show,
@@ -245,9 +252,13 @@ def _fit(run: Run) -> dict:
     while st.position.epoch < cfg.train.epochs:
         if _epoch(run, st, telemetry):
             break
+    t1 = time.perf_counter()
     _restore_best(run, st)
+    st.timings["restore_best"] = time.perf_counter() - t1
     batches = run.feed.evaluate("test")
     test = st.trainer.evaluate(batches) if batches is not None else {}
+    st.timings["test"] = time.perf_counter() - t1 - st.timings["restore_best"]
+    st.timings["epochs"] = sum(e["seconds"] + e["valid_seconds"] for e in st.history["epochs"])
     summary = {
         "name": cfg.name,
         "model": cfg.model.name,
@@ -261,6 +272,7 @@ def _fit(run: Run) -> dict:
         "restarts": st.history.get("restarts", []),
         "started_from": st.started_from,
         "num_rows": st.spec.num_rows,
+        "timings": {**run.extra_summary.pop("timings", {}), **st.timings},
         **run.extra_summary,
     }
     if cfg.model.name == "rafm" and batches is not None:
