@@ -54,6 +54,9 @@ submit: ## submit a job to a Ray cluster: make submit JOB=jobs/criteo_fm.yaml AD
 bench: ## run every benchmark; tables to stdout, JSON to bench/results/
 	$(PY) -m bench.run_all
 
+bench-e2e: peers ## ravfm train + score as a user runs them, beside xLearn, TorchRec and PyTorch (ARGS="--rows 10000000" for the scale case)
+	$(PY) -m bench.e2e $(ARGS)
+
 bench-accuracy: ## train each model on the real samples; writes bench/results/accuracy.json
 	$(PY) -m bench.accuracy
 
