@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from ravfm.config import FeatureConfig
 from ravfm.data.index import read_index, split_paths
 from ravfm.errors import UserError
+from ravfm.features.side import write_side_tables
 from ravfm.features.spec import FeatureSpec, build_spec
 from ravfm.features.transform import check_schema, field_ids, multi_items
 
@@ -154,6 +155,7 @@ def run_stats(shards: str, out: str, cfg: FeatureConfig) -> FeatureSpec:
     outp = Path(out)
     spec.save(outp)
     freq.write_parquet(outp / FREQ_NAME)
+    write_side_tables(shards, outp)  # MovieLens: user and item side features for `ravfm serve`
     print(
         f"ravfm stats: {rows_seen:,} train rows in {len(paths)} shard(s), {len(spec.fields)} "
         f"fields (F={spec.num_fields}), task {spec.task}, {freq.height:,} used rows of "

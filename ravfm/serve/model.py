@@ -1,0 +1,115 @@
+"""One checkpoint loaded for online requests: its request reader, its scorer and its identity.
+
+No Ray here: a Serve replica holds one ServedModel at a time and swaps in a new one whole, so
+a request is read and scored by one model. Predictions go through `ravfm.scorer.Scorer` and
+`ravfm.features.transform`, the code `ravfm score` runs, so the same rows give the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from ravfm.errors import UserError
+from ravfm.features.spec import FeatureSpec
+from ravfm.scorer import PREDICTION, PREDICTION_STD, Scorer
+from ravfm.serve.rows import RequestReader
+from ravfm.train.checkpoint import latest_checkpoint, read_manifest
+
+__all__ = ["ServedModel", "check_checkpoint", "describe", "metrics_at_save", "step_dir"]
+
+
+def step_dir(checkpoint: str | Path) -> Path:
+    """The step-* folder to serve: `checkpoint` itself, or the newest complete one under it."""
+    ckpt = latest_checkpoint(checkpoint)
+    if ckpt is None:
+        raise UserError(
+            f"no checkpoint found at {checkpoint}; pass a checkpoint directory "
+            "(runs/NAME/checkpoints or one of its step-* folders)"
+        )
+    return ckpt.resolve()
+
+
+def check_checkpoint(checkpoint: str | Path) -> tuple[dict, FeatureSpec]:
+    """(manifest, spec) of a servable checkpoint, without loading its weights: its dataset has
+    a request layout and, for MovieLens, the side tables its fields need."""
+    meta = read_manifest(checkpoint)
+    spec = FeatureSpec.load(Path(meta["path"]) / "spec")
+    RequestReader(spec, Path(meta["path"]) / "spec")
+    return meta, spec
+
+
+def metrics_at_save(meta: dict) -> dict:
+    """The metrics a checkpoint was saved with: the manifest's own `metrics` when it has them,
+    else its training history's last epoch (train and valid) and best validation value."""
+    if meta.get("metrics"):
+        return dict(meta["metrics"])
+    history = meta.get("history") or {}
+    epochs = history.get("epochs") or []
+    out: dict[str, Any] = {}
+    if epochs:
+        last = epochs[-1]
+        out = {"epoch": last.get("epoch"), "train": last.get("train"), "valid": last.get("valid")}
+    if history.get("best") is not None:
+        out["best_valid"] = history["best"]
+    return out
+
+
+def describe(meta: dict, spec: FeatureSpec, reader: RequestReader) -> dict:
+    """What GET /model answers: name, step, spec key, metrics at save time, the columns."""
+    cfg = meta.get("config") or {}
+    lay = reader.layout
+    return {
+        "name": cfg.get("name"),
+        "step": int(meta["step"]),
+        "spec": spec.fingerprint,
+        "metrics": metrics_at_save(meta),
+        "model": (cfg.get("model") or {}).get("name"),
+        "task": meta.get("task", spec.task),
+        "dataset": spec.dataset,
+        "checkpoint": str(meta["path"]),
+        "written_at": meta.get("written_at"),
+        "required_columns": list(reader.required),
+        "optional_columns": [c for c in reader.sent if c not in reader.required],
+        "ignored_columns": list(lay.ignored),
+        "example": dict(lay.example),
+    }
+
+
+class ServedModel:
+    """A checkpoint ready for requests: body -> rows (read) -> predictions (predict)."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu") -> None:
+        meta = read_manifest(checkpoint)
+        self.path = str(meta["path"])
+        self.scorer = Scorer(self.path, device=device)
+        self.spec = self.scorer.spec
+        self.reader = RequestReader(self.spec, Path(self.path) / "spec")
+        self.info = describe(meta, self.spec, self.reader)
+        self.step, self.name = self.info["step"], self.info["name"]
+        self.vfm = self.scorer.vfm
+        warm = {c: [self.reader.layout.example.get(c)] for c in self.reader.sent}
+        self.predict(self.read(json.dumps(warm).encode()))  # compiles the kernels once, here
+
+    def read(self, body: bytes) -> pl.DataFrame:
+        """A JSON request body -> its rows in the shard schema (B rows); BadRequest if bad."""
+        return self.reader.read(body)
+
+    def predict(self, rows: pl.DataFrame) -> dict[str, np.ndarray]:
+        """rows (B rows) -> {"prediction": (B,) and, for VFM, "prediction_std": (B,)}, hashed
+        with the checkpoint's spec exactly as `ravfm score` hashes them."""
+        from ravfm.features.transform import transform
+
+        out = transform(rows, self.spec)
+        pred, std = self.scorer.predict(
+            torch.from_numpy(out["ids"]), torch.from_numpy(out["values"])
+        )
+        result = {PREDICTION: pred.numpy()}
+        if std is not None:
+            result[PREDICTION_STD] = std.numpy()
+        return result
