@@ -123,7 +123,8 @@ class RequestReader:
                 first, n = c, len(v)
             elif len(v) != n:
                 raise BadRequest(
-                    f"column {c} has {len(v)} values but {first} has {n}; send lists of one length"
+                    f"column {c} has {len(v)} value{'s' * (len(v) != 1)} but {first} has {n}; "
+                    "send lists of one length"
                 )
         if not n:
             raise BadRequest("the request holds no rows; send at least one row")
@@ -147,7 +148,13 @@ class RequestReader:
         """The B rows as B lines of the raw format (UTF-8, each ending in a newline): typed
         Arrow columns, written out as text by one Polars select (null -> empty field)."""
         lay = self.layout
-        frame = pl.from_arrow(pa.table({c: self._array(c, cols[c]) for c in self.sent}))
+        try:  # Arrow strings are UTF-8: a lone surrogate escape from JSON does not encode
+            frame = pl.from_arrow(pa.table({c: self._array(c, cols[c]) for c in self.sent}))
+        except UnicodeEncodeError:
+            raise BadRequest(
+                "a string holds an unpaired surrogate escape (\\ud800-\\udfff), which is not "
+                "text; send UTF-8 text"
+            ) from None
         block = frame.select(self._lines).item() + "\n"
         if (
             block.count("\n") != n
@@ -155,13 +162,7 @@ class RequestReader:
             or "\r" in block
         ):
             self._find_break(cols)
-        try:
-            return block.encode()
-        except UnicodeEncodeError:
-            raise BadRequest(
-                "a string holds an unpaired surrogate escape (\\ud800-\\udfff), which is not "
-                "text; send UTF-8 text"
-            ) from None
+        return block.encode()
 
     def _array(self, name: str, values: Any) -> pa.Array:
         """B JSON values of one column -> an Arrow column (int64 or string, null = missing)
