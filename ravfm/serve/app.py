@@ -4,7 +4,8 @@ Routes, under the application's route prefix:
   POST predict   JSON rows (see ravfm.serve.rows) -> {"model", "step", "rows", "prediction",
                  and for VFM "prediction_std"}, one value per row in request order
   GET  healthz   {"status": "ok", "step"} once a model is loaded
-  GET  model     name, step, spec key, metrics at save time, request columns (ServedModel.info)
+  GET  model     name, step, spec key, metrics at save time, request columns (ServedModel.info),
+                 a reload error if the last rollout failed, and counts of requests, rows, batches
 A bad request gets HTTP 400 (413 when the body is over the limit) and {"error": one line}.
 
 Requests are read (JSON -> shard rows) one by one as they arrive, then scored together:
@@ -100,6 +101,7 @@ class Predictor:
         logging.getLogger("ray.serve").addFilter(_BatchSizeNote())
         self.model: Any = None
         self.error: str | None = None
+        self.served = {"requests": 0, "rows": 0, "batches": 0}  # this replica's, for GET model
         self.limit, self.max_batch_rows = max_body_bytes, max_batch_rows
         self.score_batch.set_max_batch_size(max_batch_rows)
         self.score_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
@@ -148,7 +150,7 @@ class Predictor:
         if route == "healthz":
             return _json({"status": "ok", "step": self.model.step})
         if route == "model":
-            return _json({**self.model.info, "reload_error": self.error})
+            return _json({**self.model.info, "reload_error": self.error, "served": self.served})
         return _error(404, f"no route {path!r}; use POST predict, GET healthz or GET model")
 
     async def _predict(self, request: Request) -> Response:
@@ -158,9 +160,12 @@ class Predictor:
         except BadRequest as e:
             return _error(e.status, str(e))
         if rows.height >= self.max_batch_rows:
+            self.served["batches"] += 1
             out = model.predict(rows)
         else:
             out = await self.score_batch((model, rows))
+        self.served["requests"] += 1
+        self.served["rows"] += rows.height
         answer = {"model": model.name, "step": model.step, "rows": rows.height}
         answer.update((k, v.tolist()) for k, v in out.items())
         return _json(answer)
@@ -171,6 +176,7 @@ class Predictor:
         (a batch may straddle a swap). items: (model, rows (B_i rows)) -> one dict each."""
         import polars as pl
 
+        self.served["batches"] += 1
         results: list[dict] = [{}] * len(items)
         for model in {id(m): m for m, _ in items}.values():
             mine = [i for i, (m, _) in enumerate(items) if m is model]
