@@ -83,6 +83,10 @@ def served(shared_data, tmp_path_factory):
     convert("movielens", str(ml), str(tmp / "ml"), split="u1")
     run_stats(str(tmp / "ml"), str(tmp / "spec-ml"), FeatureConfig(hash_bits=12))
     ml_ckpt = make_checkpoint(tmp / "runs" / "m", 7, tmp / "spec-ml", "vfm", task="regression")
+    # Behind HAProxy a removed replica drains for 30 s before it exits; 1 s here (the local
+    # cluster's processes inherit this environment).
+    drain = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+    saved, os.environ[drain] = os.environ.get(drain), "1"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     base = {"port": port, "cpus_per_replica": 0.25, "ready_timeout_s": 300.0}
@@ -109,6 +113,7 @@ def served(shared_data, tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.pop(drain) if saved is None else os.environ.update({drain: saved})
 
 
 def test_answers_equal_ravfm_score_on_the_same_rows(served):
@@ -340,3 +345,24 @@ def test_cli_deploys_detached_to_a_cluster_and_stops(served):
         time.sleep(0.5)
     assert _http(f"{served.url}/cli/healthz")[0] == 404
     assert _http(f"{served.url}/ml/healthz")[0] == 200
+
+
+def test_the_python_proxy_ingress_gives_the_same_answers(served):
+    """serve.ingress=proxy (Serve's Python proxy actor instead of HAProxy): the same answers.
+    Runs last in the module: it restarts Serve."""
+    from ray import serve
+
+    from ravfm.serve.deploy import deploy
+
+    serve.shutdown()
+    port = _free_port()
+    cfg = dataclasses.replace(
+        served.cfg, ingress="proxy", port=port, checkpoint=str(served.root / "step-000000001")
+    )
+    deploy(cfg)
+    rows = criteo_rows(served.raw)[:20]
+    status, got = _http(f"http://127.0.0.1:{port}/criteo/predict", json.dumps(rows).encode())
+    want = Scorer(cfg.checkpoint)(shard_frame(served.shards).head(20).to_arrow())[PREDICTION]
+    assert status == 200 and got["step"] == 1
+    np.testing.assert_allclose(got[PREDICTION], want.to_numpy(), rtol=1e-5, atol=1e-6)
+    assert _http(f"http://127.0.0.1:{port}/criteo/predict", b"[]")[0] == 400

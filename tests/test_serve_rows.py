@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import polars as pl
 import pytest
 from _serve_data import (
     avazu_rows,
@@ -92,8 +93,6 @@ def test_unknown_movielens_ids_get_null_side_features(data):
 
 
 def test_side_tables_hold_every_split_and_no_labels(data):
-    import polars as pl
-
     _, shards, spec_dir = data["movielens"]
     users, items = (
         pl.read_parquet(spec_dir / "users.parquet"),
@@ -198,3 +197,18 @@ def test_libsvm_checkpoints_are_refused_in_one_line(tmp_path):
     spec = FeatureSpec("libsvm", "label", "binary", (f,), 4, "shared", 1)
     with pytest.raises(UserError, match="ravfm serve takes criteo, avazu and movielens"):
         RequestReader(spec, tmp_path)
+
+
+def test_requests_parsed_together_keep_their_rows_and_their_own_errors(data):
+    """parse_many (a serve.batch of requests): one parser call; a request with a line the
+    parser rejects gets its own error (its row counted from 0), the others their own rows."""
+    reader = _reader(data, "criteo")
+    rows = criteo_rows(data["criteo"][0])
+    bad = [rows[5], {**rows[6], "C4": "notahex!"}]
+    bodies = [rows[:3], bad, rows[3:5], [rows[7]]]
+    requests = [reader.prepare(json.dumps(b).encode()) for b in bodies]
+    frame, errors, counts = reader.parse_many(requests)
+    assert counts == [3, 0, 2, 1] and errors[0] is errors[2] is errors[3] is None
+    assert 'row 1: C4 is "notahex!", not a code of 8 hex digits' in str(errors[1])
+    alone = [reader.read(json.dumps(b).encode()) for b in (rows[:3], rows[3:5], [rows[7]])]
+    assert frame.equals(pl.concat(alone))

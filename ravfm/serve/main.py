@@ -2,7 +2,7 @@
 
 `start` deploys the app and, unless --detach, stays in the foreground: it rolls out newer
 checkpoints when watching (serve.watch_s), and on Ctrl-C or SIGTERM (`ray job stop` of a
-submitted serve job) removes the app, and stops the local Ray it started, if it started one.
+submitted serve job) removes the app from the cluster, or stops the local Ray it started.
 """
 
 from __future__ import annotations
@@ -61,12 +61,10 @@ def start(cfg: ServeConfig, *, address: str | None = None, detach: bool = False)
     finally:
         signal.signal(signal.SIGTERM, previous)
         _say(f"stopping {cfg.name}")
-        stop(cfg.name)
-        if local:
-            from ray import serve
-
-            serve.shutdown()
+        if local:  # the whole local Ray goes: no app to remove first
             ray.shutdown()
+        else:  # the app goes; its replicas finish the requests they hold
+            stop(cfg.name, wait=False)
     return 0
 
 

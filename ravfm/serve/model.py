@@ -18,7 +18,8 @@ import torch
 from ravfm.errors import UserError
 from ravfm.features.spec import FeatureSpec
 from ravfm.scorer import PREDICTION, PREDICTION_STD, Scorer
-from ravfm.serve.rows import RequestReader
+from ravfm.serve.layouts import BadRequest
+from ravfm.serve.rows import Lines, RequestReader
 from ravfm.train.checkpoint import latest_checkpoint, read_manifest
 
 __all__ = ["ServedModel", "check_checkpoint", "describe", "metrics_at_save", "step_dir"]
@@ -100,12 +101,31 @@ class ServedModel:
         """A JSON request body -> its rows in the shard schema (B rows); BadRequest if bad."""
         return self.reader.read(body)
 
+    def prepare(self, body: bytes) -> Lines:
+        """A JSON request body checked and written as raw lines (BadRequest if bad)."""
+        return self.reader.prepare(body)
+
+    def predict_many(self, requests: list[Lines]) -> list[dict[str, np.ndarray] | BadRequest]:
+        """Several requests scored together: one parse, one transform, one model call. Each
+        gets its own {"prediction": (B_i,), ...}, or the BadRequest for a row the parser
+        rejected (the other requests are unaffected)."""
+        rows, errors, counts = self.reader.parse_many(requests)
+        out = self.predict(rows) if rows.height else {}
+        results: list = []
+        start = 0
+        for err, n in zip(errors, counts):
+            results.append(
+                err if err is not None else {k: v[start : start + n] for k, v in out.items()}
+            )
+            start += n
+        return results
+
     def predict(self, rows: pl.DataFrame) -> dict[str, np.ndarray]:
         """rows (B rows) -> {"prediction": (B,) and, for VFM, "prediction_std": (B,)}, hashed
         with the checkpoint's spec exactly as `ravfm score` hashes them."""
         from ravfm.features.transform import transform
 
-        out = transform(rows, self.spec)
+        out = transform(rows.to_arrow(), self.spec)  # as `ravfm score` hashes: from Arrow
         pred, std = self.scorer.predict(
             torch.from_numpy(out["ids"]), torch.from_numpy(out["values"])
         )

@@ -17,12 +17,13 @@ row (0-based), the column and the fix.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from ravfm.data.formats import Avazu, Criteo
 from ravfm.data.movielens import MovieLens
@@ -43,7 +44,19 @@ from ravfm.serve.layouts import (
     valid_text,
 )
 
-__all__ = ["RequestReader", "BadRequest"]
+__all__ = ["RequestReader", "Lines", "BadRequest"]
+
+_EMPTY = {None: ""}  # _EMPTY.get(v, v): a missing value's text, any other value itself
+
+
+@dataclass(frozen=True)
+class Lines:
+    """One request written as raw lines: block (n lines of the raw format) and its columns
+    (kept to name the row and column of a line the parser rejects)."""
+
+    block: bytes
+    n: int
+    cols: dict[str, Any]
 
 
 class RequestReader:
@@ -67,16 +80,18 @@ class RequestReader:
         self.known = set(lay.columns) | set(lay.ignored)
         self.sent = tuple(c for c in lay.columns if c not in lay.fill)
         self.parser = _parser(spec, Path(spec_dir))
-        fields = [
-            pl.lit(lay.fill[c]) if c in lay.fill else pl.col(c).cast(pl.String).fill_null("")
-            for c in lay.columns
-        ]
-        self._lines = pl.concat_str(fields, separator=lay.sep).str.join("\n")  # one string
 
     def read(self, body: bytes) -> pl.DataFrame:
         """The rows of a JSON body, parsed as `convert` parses raw lines: (B rows)."""
+        frame, errors, _ = self.parse_many([self.prepare(body)])
+        if errors[0] is not None:
+            raise errors[0]
+        return frame
+
+    def prepare(self, body: bytes) -> Lines:
+        """A JSON body checked and written as raw lines, ready for `parse_many`."""
         cols, n = self.columns(decode_json(body))
-        return self.parse(self.render(cols, n), cols)
+        return Lines(self.render(cols, n), n, cols)
 
     def columns(self, payload: Any) -> tuple[dict[str, list], int]:
         """Column name -> B values (or ABSENT where a row object lacks it), and B."""
@@ -145,28 +160,26 @@ class RequestReader:
             raise BadRequest(f"unknown column {k!r}{how}; {lay.dataset} rows take {lay.described}")
 
     def render(self, cols: dict[str, Any], n: int) -> bytes:
-        """The B rows as B lines of the raw format (UTF-8, each ending in a newline): typed
-        Arrow columns, written out as text by one Polars select (null -> empty field)."""
+        """The B rows as B lines of the raw format (UTF-8, each ending in a newline; null is
+        an empty field, an integer its decimal text)."""
         lay = self.layout
-        try:  # Arrow strings are UTF-8: a lone surrogate escape from JSON does not encode
-            frame = pl.from_arrow(pa.table({c: self._array(c, cols[c]) for c in self.sent}))
+        texts = [
+            [lay.fill[c]] * n if c in lay.fill else self._texts(c, cols[c]) for c in lay.columns
+        ]
+        block = "\n".join(map(lay.sep.join, zip(*texts))) + "\n"
+        if block.count("\n") != n or block.count(lay.sep) != n * (len(texts) - 1) or "\r" in block:
+            self._find_break(cols)
+        try:
+            return block.encode()
         except UnicodeEncodeError:
             raise BadRequest(
                 "a string holds an unpaired surrogate escape (\\ud800-\\udfff), which is not "
                 "text; send UTF-8 text"
             ) from None
-        block = frame.select(self._lines).item() + "\n"
-        if (
-            block.count("\n") != n
-            or block.count(lay.sep) != n * (len(lay.columns) - 1)
-            or "\r" in block
-        ):
-            self._find_break(cols)
-        return block.encode()
 
-    def _array(self, name: str, values: Any) -> pa.Array:
-        """B JSON values of one column -> an Arrow column (int64 or string, null = missing)
-        after checking their types; an absent required value is an error."""
+    def _texts(self, name: str, values: Any) -> Any:
+        """B JSON values of one column -> their raw-file text, after checking their types; an
+        absent required value is an error."""
         types = set(map(type, values))
         if Absent in types:
             if name in self.required:
@@ -184,14 +197,8 @@ class RequestReader:
                 f"row {i}: {name} is {show(v)}, {json_type(v)}, not {WANT[kind]}; send "
                 "that, or null for a missing value"
             )
-        if types <= {str, type(None)}:
-            return pa.array(values, pa.string())
-        if types <= {int, type(None)}:
-            try:
-                return pa.array(values, pa.int64())  # written as str(int) would write it
-            except OverflowError:  # past int64: the text goes to the parser, which decides
-                pass
-        return pa.array([None if v is None else str(v) for v in values], pa.string())
+        # null -> "" and every value -> its text, in C loops (a dict lookup maps None to "")
+        return values if types == {str} else list(map(str, map(_EMPTY.get, values, values)))
 
     def _find_break(self, cols: dict[str, list]) -> None:
         sep = self.layout.sep
@@ -206,32 +213,51 @@ class RequestReader:
                     )
         raise BadRequest("the rows do not make raw lines; check the values")  # not reached
 
-    def parse(self, block: bytes, cols: dict[str, list]) -> pl.DataFrame:
-        """Parse the rendered lines with the dataset's own parser; a rejected line is a
-        BadRequest naming its row and column."""
+    def parse_many(self, requests: list[Lines]) -> tuple[pl.DataFrame, list, list[int]]:
+        """Parse several requests' lines in one call of the dataset's parser.
+
+        Returns the rows of the requests that parsed (in order; sum(counts) rows), a
+        BadRequest or None per request (a rejected line names its request's row and column),
+        and each request's row count (0 for a bad one).
+        """
+        block = requests[0].block if len(requests) == 1 else b"".join(r.block for r in requests)
         p: Parsed = self.parser.parse(
             block, file="request", first_line=0, variant=self.layout.variant
         )
-        if p.rejects:
-            self._explain(p.rejects[0].line, p.rejects[0].reason, cols)
-        return p.df
+        errors: list = [None] * len(requests)
+        counts = [r.n for r in requests]
+        if not p.rejects:
+            return p.df, errors, counts
+        starts = np.cumsum([0] + counts)
+        for rej in p.rejects:
+            k = int(np.searchsorted(starts, rej.line, side="right")) - 1
+            if errors[k] is None:
+                errors[k] = self._explain(rej.line - int(starts[k]), rej.reason, requests[k].cols)
+                counts[k] = 0
+        owner = np.searchsorted(starts, p.index, side="right") - 1  # each parsed row's request
+        keep = np.asarray([errors[k] is None for k in owner], dtype=bool)
+        return p.df.filter(pl.Series(keep)), errors, counts
 
-    def _explain(self, i: int, reason: str, cols: dict[str, list]) -> None:
-        kinds = self.layout.kinds
+    def _explain(self, i: int, reason: str, cols: dict[str, list]) -> BadRequest:
+        """The BadRequest for row i of a request, rejected by the parser for `reason`."""
         if reason == "bad_hour":
-            raise BadRequest(
+            return BadRequest(
                 f"row {i}: hour is {show(cols['hour'][i])}, not a time YYMMDDHH as in the raw "
                 "file (e.g. 14102100); send one"
             )
         want = {"bad_hex": "hex", "bad_int": "int"}.get(reason)
         for c in cols:
             v = cols[c][i]
-            if kinds[c] == want and v not in (None, "", ABSENT) and not valid_text(want, str(v)):
-                raise BadRequest(
+            if (
+                self.layout.kinds[c] == want
+                and v not in (None, "", ABSENT)
+                and not valid_text(want, str(v))
+            ):
+                return BadRequest(
                     f"row {i}: {c} is {show(v)}, not {WANT[want]}; send that, or null for a "
                     "missing value"
                 )
-        raise BadRequest(
+        return BadRequest(
             f"row {i} is not a valid {self.layout.dataset} row ({reason}); send the values as "
             "they are in the raw file"
         )
