@@ -18,7 +18,11 @@ then the app is removed and `ravfm score` scores the same 256-row requests' rows
 Parquet out) on the same cluster. The machine is shared: the 1-minute load average at each
 phase's end is recorded with the figures.
 
+Defaults: Serve's HAProxy ingress where installed (--ingress proxy for Serve's Python proxy)
+and two replicas, one per core of the 2-core machine the targets are set for.
+
     python -m bench.serve_latency [--rate 100] [--single 1000] [--batched 200] [--concurrency 8]
+                                  [--replicas 2] [--ingress auto|haproxy|proxy]
 """
 
 from __future__ import annotations
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--single", type=int, default=1000, help="1-row requests per phase")
     ap.add_argument("--batched", type=int, default=200, help="256-row requests per phase")
     ap.add_argument("--concurrency", type=int, default=8, help="connections, closed loop")
-    ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--replicas", type=int, default=2, help="one per core (2 on the 2-core box)")
     ap.add_argument("--batch-wait-ms", type=float, default=0.0)
     ap.add_argument("--ingress", default="auto", choices=["auto", "haproxy", "proxy"])
     ap.add_argument("--data", default=str(ROOT / "data" / "bench"))
