@@ -188,58 +188,23 @@ _NAMES = {
 }
 
 
+def _row(what: str, s: dict, rows_per_s: bool = True) -> list:
+    per_s = s["rows_per_s"] if rows_per_s else "-"
+    return [what, s["requests"], s["requests_per_s"], per_s, s["p50_ms"], s["p99_ms"], s["load_avg_1m"]]  # fmt: skip
+
+
 def _markdown(f: dict, args: argparse.Namespace) -> str:
-    fmt = vars(args)
-    rows = []
-    for key, what in _NAMES.items():
-        s = f[key]
-        rows.append(
-            [
-                what.format(**fmt),
-                s["requests"],
-                s["requests_per_s"],
-                s["rows_per_s"],
-                s["p50_ms"],
-                s["p99_ms"],
-                s["load_avg_1m"],
-            ]
-        )
-    for key, what in (
-        ("serial", "1 connection"),
-        ("concurrent", f"{args.concurrency} connections"),
-    ):
-        s = f["serve_floor"][key]
-        rows.append(
-            [
-                f"Serve floor: constant answer, {what}",
-                s["requests"],
-                s["requests_per_s"],
-                "-",
-                s["p50_ms"],
-                s["p99_ms"],
-                s["load_avg_1m"],
-            ]
-        )
+    rows = [_row(what.format(**vars(args)), f[key]) for key, what in _NAMES.items()]
+    for key, what in (("serial", "1"), ("concurrent", str(args.concurrency))):
+        rows.append(_row(f"Serve floor: constant answer, {what} connection(s)", f["serve_floor"][key], False))  # fmt: skip
     sc = f["score"]
-    rows.append(
-        [
-            f"ravfm score, the same {sc['rows']:,} rows, end to end",
-            "-",
-            "-",
-            sc["rows_per_s"],
-            "-",
-            "-",
-            f["load_avg_1m_after"],
-        ]
-    )
+    rows.append([f"ravfm score, the same {sc['rows']:,} rows, end to end", "-", "-", sc["rows_per_s"], "-", "-", f["load_avg_1m_after"]])  # fmt: skip
     rows.append(["ravfm score, once running", "-", "-", sc["scoring_rows_per_s"], "-", "-", "-"])
-    md = table(
-        ["what", "requests", "requests/s", "rows/s", "p50 ms", "p99 ms", "load avg 1m"], rows
-    )
+    md = table(["what", "requests", "requests/s", "rows/s", "p50 ms", "p99 ms", "load avg 1m"], rows)  # fmt: skip
     p99 = f["single_open_loop"]["p99_ms"]
     best = max(f["batched_rows"]["rows_per_s"], f["batched_columnar"]["rows_per_s"])
     floor = f["serve_floor"]["concurrent"]["requests_per_s"]
-    md += (
+    return md + (
         f"\n\nTargets (2 cores): p99 < {P99_TARGET_MS:g} ms for 1-row requests at 100 req/s: "
         f"{'MET' if p99 < P99_TARGET_MS else 'NOT MET'} ({p99:,.1f} ms); 256-row requests >= "
         f"{ROWS_TARGET:,} rows/s: {'MET' if best >= ROWS_TARGET else 'NOT MET'} "
@@ -249,7 +214,48 @@ def _markdown(f: dict, args: argparse.Namespace) -> str:
         f"cores; latency counts from each request's due time; 1-minute load average before "
         f"{f['load_avg_1m_before']:.2f} (the machine is shared)."
     )
-    return md
+
+
+def _measure(args: argparse.Namespace) -> dict:
+    """Every phase on a local Ray cluster started here (and stopped at the end)."""
+    import ray
+    from ray import serve
+
+    from bench.score_throughput import prepare
+    from ravfm.serve.config import ServeConfig
+    from ravfm.serve.deploy import _client, deploy, ingress_mode, stop
+
+    base = Path(args.data)
+    base.mkdir(parents=True, exist_ok=True)
+    shards, ckpt = prepare(args.batched * 256, base)
+    rows = request_rows(shards, args.batched * 256)
+    # Removed replicas behind HAProxy drain 30 s before they exit and free their CPU for the
+    # scoring phase; 1 s is plenty on one machine (the local cluster inherits this env).
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    port = _free_port()
+    cfg = ServeConfig(checkpoint=str(ckpt), port=port, replicas=args.replicas, batch_wait_ms=args.batch_wait_ms, ingress=args.ingress)  # fmt: skip
+    _client(cfg)  # Serve with the ingress asked for; the floor's echo app goes through it too
+    try:
+        load_before = os.getloadavg()[0]
+        floor = serve_floor(port, args.single // 2, args.concurrency)
+        t0 = time.perf_counter()
+        deploy(cfg)
+        startup = time.perf_counter() - t0
+        figures = _phases(args, cfg.url() + "predict", rows)
+        stop(cfg.name)
+        figures["score"] = _score_rows_per_s(ckpt, shards)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    figures.update(
+        serve_floor=floor,
+        ingress=ingress_mode(args.ingress),
+        load_avg_1m_before=load_before,
+        load_avg_1m_after=os.getloadavg()[0],
+        deploy_seconds=startup,
+    )
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,53 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ingress", default="auto", choices=["auto", "haproxy", "proxy"])
     ap.add_argument("--data", default=str(ROOT / "data" / "bench"))
     args = ap.parse_args(argv)
-
-    import ray
-    from ray import serve
-
-    from bench.score_throughput import prepare
-    from ravfm.serve.config import ServeConfig
-    from ravfm.serve.deploy import deploy, stop
-
-    base = Path(args.data)
-    base.mkdir(parents=True, exist_ok=True)
-    shards, ckpt = prepare(args.batched * 256, base)
-    rows = request_rows(shards, args.batched * 256)
-    # Removed replicas behind HAProxy drain 30 s before they exit and free their CPU for the
-    # scoring phase; 1 s is plenty on one machine (the local cluster inherits this env).
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    port = _free_port()
-    from ravfm.serve.deploy import _client, ingress_mode
-
-    cfg = ServeConfig(
-        checkpoint=str(ckpt),
-        port=port,
-        replicas=args.replicas,
-        batch_wait_ms=args.batch_wait_ms,
-        ingress=args.ingress,
-    )
-    _client(cfg)  # Serve with the ingress asked for; the floor's echo app goes through it too
-    try:
-        load_before = os.getloadavg()[0]
-        floor = serve_floor(port, args.single // 2, args.concurrency)
-        t0 = time.perf_counter()
-        deploy(cfg)
-        startup = time.perf_counter() - t0
-        figures = _phases(args, cfg.url() + "predict", rows)
-        figures.update(
-            serve_floor=floor, load_avg_1m_before=load_before, ingress=ingress_mode(args.ingress)
-        )
-        stop(cfg.name)
-        figures["score"] = _score_rows_per_s(ckpt, shards)
-        figures["load_avg_1m_after"] = os.getloadavg()[0]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    figures = _measure(args)
     md = _markdown(figures, args)
     print(md)
     figures.update(
-        deploy_seconds=startup,
         settings={k: v for k, v in vars(args).items() if k != "data"},
         targets={"p99_ms_1row_at_100_rps": P99_TARGET_MS, "rows_per_s_256row": ROWS_TARGET},
         checkpoint="FM k=16, 2**20 hashed rows (bench.score_throughput.prepare)",
