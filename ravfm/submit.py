@@ -244,7 +244,9 @@ def submit(job: str, *, address: str | None, overrides: list[str], follow: bool 
         with _client_env():
             client = _client(url, token)
             job_id = client.submit_job(
-                entrypoint=build_entrypoint(rel_job, overrides, command),
+                entrypoint=build_entrypoint(rel_job, overrides)
+                if command == "train"
+                else build_entrypoint(rel_job, overrides, command),
                 runtime_env=build_runtime_env(root),
                 submission_id=submission_id,
                 metadata={"ravfm_job": cfg.name, "ravfm_config": rel_job, "ravfm_command": command},

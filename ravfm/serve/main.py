@@ -50,7 +50,10 @@ def start(cfg: ServeConfig, *, address: str | None = None, detach: bool = False)
     watching = f"watching {cfg.checkpoint} every {cfg.watch_s:g} s; " if cfg.watch_s else ""
     _say(f"{watching}roll out with `{reload_hint}`; Ctrl-C stops")
     done = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+    # Ctrl-C and SIGTERM (`ray job stop`) both end the wait; SIGINT is handled here too, as a
+    # process started in the background by a script inherits it ignored.
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda *_: done.set()) for s in stops}
     try:
         if cfg.watch_s:
             watch(cfg, state["checkpoint"], done)
@@ -59,7 +62,8 @@ def start(cfg: ServeConfig, *, address: str | None = None, detach: bool = False)
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         _say(f"stopping {cfg.name}")
         if local:  # the whole local Ray goes: no app to remove first
             ray.shutdown()
