@@ -10,7 +10,7 @@ ADDRESS ?= $(RAY_ADDRESS)
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint format train-criteo train-avazu train-movielens score submit bench bench-accuracy peers clean
+.PHONY: help setup test test-fast lint format train-criteo train-avazu train-movielens score serve submit bench bench-e2e bench-accuracy peers clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ train-movielens: ## train VFM on MovieLens (MOVIELENS=dir-or-URL, else synthetic
 
 score: ## batch-score: make score CHECKPOINT=... INPUT=... OUTPUT=... [KEEP=col,...]
 	$(RAVFM) score --checkpoint $(CHECKPOINT) --input $(INPUT) --output $(OUTPUT) --keep "$(KEEP)"
+
+serve: ## serve a checkpoint over HTTP on Ray Serve: make serve CHECKPOINT=runs/NAME/checkpoints [ARGS=--watch]
+	$(RAVFM) serve --checkpoint $(CHECKPOINT) $(ARGS)
 
 submit: ## submit a job to a Ray cluster: make submit JOB=jobs/criteo_fm.yaml ADDRESS=http://HEAD:8265
 	$(RAVFM) submit $(JOB) $(if $(ADDRESS),--address $(ADDRESS)) $(ARGS)

@@ -15,6 +15,7 @@ BENCHES = [
     "train_throughput",
     "train_pipeline",
     "score_throughput",
+    "serve_latency",
 ]
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""`ravfm convert|stats|train|eval|score|synth|submit`: parse, build config, call one function.
+"""`ravfm convert|stats|train|eval|score|serve|synth|submit`: parse, build config, call one function.
 
 Heavy modules are imported inside each command so `ravfm --help` is instant. A UserError
 becomes one line on stderr and exit status 2.
@@ -91,6 +91,65 @@ def _submit(a: argparse.Namespace) -> int:
     return submit(a.job, address=a.address, overrides=a.overrides, follow=not a.no_follow)
 
 
+def _serve(a: argparse.Namespace) -> int:
+    from ravfm.serve import main as serve_main
+
+    if a.action == "reload":
+        return serve_main.reload_command(
+            a.checkpoint, name=a.name, address=a.address, timeout_s=a.timeout
+        )
+    if a.action == "stop":
+        return serve_main.stop_command(name=a.name, address=a.address)
+    from ravfm.serve.config import load_serve_config
+
+    flags = {
+        "checkpoint": a.checkpoint,
+        "name": a.name,
+        "host": a.host,
+        "port": a.port,
+        "replicas": a.replicas,
+        "watch_s": a.watch,
+    }
+    cfg = load_serve_config(a.config, a.overrides, flags)
+    return serve_main.start(cfg, address=a.address, detach=a.detach)
+
+
+_SERVE_ACTIONS = ("start", "reload", "stop")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="online predictions from a checkpoint on Ray Serve")
+    actions = sv.add_subparsers(dest="action", required=True)
+    address = "Ray cluster address (default: RAY_ADDRESS, else a local cluster in this process)"
+    st = actions.add_parser("start", help="deploy a checkpoint (the default action)")
+    st.add_argument("--checkpoint", help="runs/NAME/checkpoints (newest step) or a step-* folder")
+    st.add_argument("--config", help="YAML file with a serve: section, e.g. jobs/serve_smoke.yaml")
+    st.add_argument("--port", type=int, help="HTTP port (default 8000; Serve-wide)")
+    st.add_argument("--host", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
+    st.add_argument("--replicas", type=int, help="model replicas (default 1)")
+    st.add_argument("--name", help="Serve application name (default ravfm)")
+    st.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=5.0,
+        metavar="SECONDS",
+        help="roll out newer checkpoints found under --checkpoint (every 5 s by default)",
+    )
+    st.add_argument("--detach", action="store_true", help="deploy to --address and return")
+    st.add_argument("--address", default=None, help=address)
+    st.add_argument("overrides", nargs="*", help="serve settings, e.g. serve.max_batch_rows=8192")
+    rl = actions.add_parser("reload", help="roll a running app out to another checkpoint")
+    rl.add_argument("--checkpoint", required=True)
+    rl.add_argument("--name", default="ravfm")
+    rl.add_argument("--address", default=None, help=address)
+    rl.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for replicas")
+    sp = actions.add_parser("stop", help="remove a running app")
+    sp.add_argument("--name", default="ravfm")
+    sp.add_argument("--address", default=None, help=address)
+    sv.set_defaults(fn=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ravfm", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -179,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sc.set_defaults(fn=_score)
 
-    sm = sub.add_parser("submit", help="submit a training job to a Ray cluster and follow it")
+    _add_serve(sub)
+
+    sm = sub.add_parser(
+        "submit", help="submit a training (or serve) job to a Ray cluster and follow it"
+    )
     sm.add_argument("job", help="YAML job file, e.g. jobs/criteo_fm.yaml")
     sm.add_argument(
         "--address",
@@ -193,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"] and (
+        len(argv) < 2 or argv[1] not in (*_SERVE_ACTIONS, "-h", "--help")
+    ):
+        argv.insert(1, "start")  # `ravfm serve --checkpoint ...` is `ravfm serve start ...`
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after an option, e.g. `stats DIR --out X hash_bits=22`

@@ -2,7 +2,9 @@
 
 The job is validated here first (a bad config never reaches the cluster), then submitted with
 the project root as the runtime_env working_dir, so the cluster runs this checkout of ravfm:
-entrypoint `python -m ravfm train --config <job> <overrides>`. Logs are followed until the job
+entrypoint `python -m ravfm train --config <job> <overrides>`, or for a serve job (a YAML file
+with a top-level `serve:` section, e.g. jobs/serve/smoke.yaml) `python -m ravfm serve --config
+<job> <overrides>`, which serves the model until the job is stopped. Logs are followed until the job
 ends and the exit status says how it ended (0 SUCCEEDED, 1 FAILED or STOPPED).
 
 Token authentication (Ray >= 2.52, `RAY_AUTH_MODE=token`): the dashboard answers 401 without a
@@ -115,9 +117,10 @@ def find_auth_token() -> tuple[str | None, str]:
     return None, "nowhere (no RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
 
 
-def build_entrypoint(job: str, overrides: list[str]) -> str:
-    """The shell command the cluster runs, from the project root (args shell-quoted)."""
-    args = ["python", "-m", "ravfm", "train", "--config", job, *overrides]
+def build_entrypoint(job: str, overrides: list[str], command: str = "train") -> str:
+    """The shell command the cluster runs, from the project root (args shell-quoted);
+    command: train, or serve for a serve job."""
+    args = ["python", "-m", "ravfm", command, "--config", job, *overrides]
     return " ".join(shlex.quote(a) for a in args)
 
 
@@ -229,7 +232,10 @@ def submit(job: str, *, address: str | None, overrides: list[str], follow: bool 
     Prints the submission id first. Returns 0 when the job SUCCEEDED, 1 when it FAILED or was
     STOPPED; with follow=False returns 0 as soon as the job is accepted.
     """
-    cfg = load_config(job, overrides)
+    from ravfm.serve.config import is_serve_job, load_serve_config
+
+    command = "serve" if is_serve_job(job) else "train"
+    cfg = load_serve_config(job, overrides) if command == "serve" else load_config(job, overrides)
     root = project_root()
     rel_job = _job_in_root(job, root)
     url = resolve_address(address)
@@ -239,10 +245,12 @@ def submit(job: str, *, address: str | None, overrides: list[str], follow: bool 
         with _client_env():
             client = _client(url, token)
             job_id = client.submit_job(
-                entrypoint=build_entrypoint(rel_job, overrides),
+                entrypoint=build_entrypoint(rel_job, overrides)
+                if command == "train"
+                else build_entrypoint(rel_job, overrides, command),
                 runtime_env=build_runtime_env(root),
                 submission_id=submission_id,
-                metadata={"ravfm_job": cfg.name, "ravfm_config": rel_job},
+                metadata={"ravfm_job": cfg.name, "ravfm_config": rel_job, "ravfm_command": command},
             )
         print(job_id, flush=True)
         if not follow:

@@ -20,6 +20,10 @@ FORBIDDEN = {
     "distributed": {"ray", "polars", "pyarrow", "ravfm.data", "ravfm.features"},
     "train.loop": {"ray"},
     "train.checkpoint": {"ray"},
+    "serve.layouts": {"ray", "torch"},
+    "serve.rows": {"ray", "torch"},
+    "serve.config": {"ray", "torch", "polars"},
+    "serve.model": {"ray"},
 }
 
 

@@ -17,7 +17,7 @@ from ravfm.data.parse import Parsed, drop_rows, parse_delimited, pl_schema
 from ravfm.data.schemas import AVAZU, CRITEO, CRITEO_CAT, CRITEO_HEX_DIGITS, schema_for
 from ravfm.errors import UserError
 
-__all__ = ["LineFormat", "Criteo", "Avazu", "first_line", "civil_days"]
+__all__ = ["LineFormat", "Criteo", "Avazu", "AVAZU_RAW", "first_line", "civil_days"]
 
 
 class LineFormat(Protocol):
@@ -149,6 +149,7 @@ _AVAZU_RAW = [
     "hour",
     *[c for c in AVAZU.columns if c not in ("id", "click", "hour", "hour_of_day", "weekday")],
 ]
+AVAZU_RAW = tuple(_AVAZU_RAW)  # the raw CSV header (train variant), in file order
 
 
 def civil_days(y: np.ndarray, m: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -70,14 +70,18 @@ class MovieLens:
         self.files = {os.path.basename(p): p for p in self._fs.find(root)}
         self.variant = self._detect(variant)
         self.users, self.items = self._side_tables()
-        cols = {
-            c: t
-            for c, t in MOVIELENS.columns.items()
-            if c in _RATING
-            or (self.users is not None and c in self.users.columns)
-            or (c in self.items.columns)
-        }
-        self._columns = cols
+        self._columns = _output_columns(self.users, self.items)
+
+    @classmethod
+    def from_tables(cls, users: pl.DataFrame | None, items: pl.DataFrame | None) -> MovieLens:
+        """A parser of u.data lines (user, item, rating, timestamp; tab-separated) that joins
+        the given side tables as convert joins u.user and u.item (`ravfm serve` parses request
+        rows with it, against the side tables a checkpoint keeps)."""
+        self = cls.__new__(cls)
+        self.variant, self.files, self._url = "ml-100k", {}, "request"
+        self.users, self.items = users, items
+        self._columns = _output_columns(users, items)
+        return self
 
     def _detect(self, asked: str) -> str:
         f = self.files
@@ -255,9 +259,18 @@ class MovieLens:
         df = p.df
         if self.users is not None:
             df = df.join(self.users, on="user_id", how="left", maintain_order="left")
-        df = df.join(self.items, on="item_id", how="left", maintain_order="left")
+        if self.items is not None:
+            df = df.join(self.items, on="item_id", how="left", maintain_order="left")
         p.df = df.select(pl.col(c).cast(t) for c, t in pl_schema(self._columns).items())
         return p
+
+
+def _output_columns(users: pl.DataFrame | None, items: pl.DataFrame | None) -> dict[str, str]:
+    """Shard columns (name -> dtype name) of ratings joined with these side tables."""
+    side = set(users.columns if users is not None else ()) | set(
+        items.columns if items is not None else ()
+    )
+    return {c: t for c, t in MOVIELENS.columns.items() if c in _RATING or c in side}
 
 
 class _Sep(io.RawIOBase):

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from ravfm.config import FeatureConfig
 from ravfm.data.index import read_index, split_paths
 from ravfm.errors import UserError
+from ravfm.features.side import write_side_tables
 from ravfm.features.spec import FeatureSpec, build_spec
 from ravfm.features.transform import check_schema, field_ids, multi_items
 from ravfm.settings import local_cpus
@@ -245,6 +246,7 @@ def run_stats(
     buf = io.BytesIO()
     freq.write_parquet(buf)
     outp.write_bytes(FREQ_NAME, buf.getvalue())
+    write_side_tables(shards, out)  # MovieLens: user and item side features for `ravfm serve`
     print(
         f"ravfm stats: {rows_seen:,} train rows in {len(paths)} shard(s), {len(spec.fields)} "
         f"fields (F={spec.num_fields}), task {spec.task}, {freq.height:,} used rows of "
