@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from ravfm.batch import PAD_ID, Batch
 from ravfm.errors import UserError
-from ravfm.model.layers import TableFactory, count_params, pairwise, plain_tables
+from ravfm.model.layers import (
+    TableFactory,
+    clip_output,
+    count_params,
+    output_range_buffer,
+    pairwise,
+    plain_tables,
+)
 from ravfm.model.losses import data_loss, row_l2
 
 __all__ = ["FM", "fm_init"]
@@ -50,6 +57,7 @@ class FM(nn.Module):
         self.k, self.l2_linear, self.l2_factors = k, l2_linear, l2_factors
         self.table = make_table("fm", num_rows, k + 1, partial(fm_init, std=init_std))
         self.bias = nn.Parameter(torch.zeros(()))
+        output_range_buffer(self)
 
     def _output(self, rows: Tensor, values: Tensor) -> Tensor:
         """rows (B, F, K+1), values (B, F) -> raw (B,)."""
@@ -109,13 +117,14 @@ class FM(nn.Module):
 
     @torch.no_grad()
     def predict(self, ids: Tensor, values: Tensor, return_std: bool = False) -> Tensor:
-        """Raw outputs (B,) without gradients. FM has no predictive distribution."""
+        """Raw outputs (B,) without gradients, clipped to `output_range`. FM has no
+        predictive distribution."""
         if return_std:
             raise UserError(
                 "predictive std needs model.name=vfm; this model is fm, so score "
                 "it without the standard deviation"
             )
-        return self.forward(ids, values)
+        return clip_output(self.forward(ids, values), self.output_range)
 
     def num_params(self) -> int:
         return count_params(self)

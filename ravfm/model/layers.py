@@ -10,6 +10,7 @@ checkpoints address rows by global id.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,8 @@ __all__ = [
     "pairwise_from_sums",
     "is_table",
     "dense_parameters",
+    "output_range_buffer",
+    "clip_output",
     "count_params",
 ]
 
@@ -88,6 +91,17 @@ def pairwise_from_sums(s: Tensor, q: Tensor) -> Tensor:
 def is_table(module: nn.Module) -> bool:
     """True for an embedding-table module (anything exporting rows by global id)."""
     return hasattr(module, "export_rows") and hasattr(module, "num_rows") and hasattr(module, "dim")
+
+
+def output_range_buffer(module: nn.Module) -> None:
+    """Register `output_range` (2,): predictions are clipped to [lo, hi] (ratings: the train
+    targets' range, as libFM does); (-inf, inf) leaves them as they are. Saved in checkpoints."""
+    module.register_buffer("output_range", torch.tensor([-math.inf, math.inf]))
+
+
+def clip_output(raw: Tensor, output_range: Tensor) -> Tensor:
+    """raw (...) clipped to output_range (2,) = [lo, hi]."""
+    return raw.clamp(output_range[0].to(raw.dtype), output_range[1].to(raw.dtype))
 
 
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -34,7 +34,14 @@ from torch import Tensor, nn
 from ravfm.batch import PAD_ID, Batch
 from ravfm.errors import UserError
 from ravfm.model.fm import fm_init
-from ravfm.model.layers import TableFactory, count_params, pairwise, plain_tables
+from ravfm.model.layers import (
+    TableFactory,
+    clip_output,
+    count_params,
+    output_range_buffer,
+    pairwise,
+    plain_tables,
+)
 from ravfm.model.losses import data_loss, distill_loss, row_l2
 
 __all__ = ["RaFM", "rafm_levels"]
@@ -105,6 +112,7 @@ class RaFM(nn.Module):
             )
         self.tables = nn.ModuleList(tables)
         self.bias = nn.Parameter(torch.zeros(()))
+        output_range_buffer(self)
 
     def _gather(self, ids: Tensor) -> tuple[Tensor, list[Tensor]]:
         """One lookup per table: levels (B, F) and rows [w, v^0] (B, F, k_0+1), v^l (B, F, k_l)."""
@@ -170,17 +178,19 @@ class RaFM(nn.Module):
     def predict(
         self, ids: Tensor, values: Tensor, return_std: bool = False, low: bool = False
     ) -> Tensor:
-        """Raw outputs (B,); low=True is RaFM-low, the FM of level-0 factors only."""
+        """Raw outputs (B,) clipped to `output_range`; low=True is RaFM-low, the FM of level-0
+        factors only."""
         if return_std:
             raise UserError(
                 "predictive std needs model.name=vfm; this model is rafm, so score "
                 "it without the standard deviation"
             )
         if not low:
-            return self.forward(ids, values)
+            return clip_output(self.forward(ids, values), self.output_range)
         rows0 = self.tables[0](ids)
         x = values.to(rows0.dtype)
-        return self.bias + (rows0[..., 0] * x).sum(1) + pairwise(rows0[..., 1:] * x.unsqueeze(-1))
+        raw = self.bias + (rows0[..., 0] * x).sum(1) + pairwise(rows0[..., 1:] * x.unsqueeze(-1))
+        return clip_output(raw, self.output_range)
 
     def num_params(self) -> int:
         return count_params(self)

@@ -57,7 +57,14 @@ from torch import Tensor, nn
 
 from ravfm.batch import PAD_ID, Batch
 from ravfm.errors import UserError
-from ravfm.model.layers import TableFactory, count_params, pairwise, plain_tables
+from ravfm.model.layers import (
+    TableFactory,
+    clip_output,
+    count_params,
+    output_range_buffer,
+    pairwise,
+    plain_tables,
+)
 from ravfm.model.losses import data_loss, gaussian_kl
 
 __all__ = ["VFM", "vfm_init", "rank_by_uncertainty"]
@@ -112,6 +119,7 @@ class VFM(nn.Module):
         self.register_buffer("field_index", torch.as_tensor(field_index, dtype=torch.int64),
                              persistent=False)  # fmt: skip
         self.bias_mu = nn.Parameter(torch.zeros(m))  # (M,)
+        output_range_buffer(self)
         self.bias_logvar = nn.Parameter(torch.full((m,), float(init_logvar)))
         self.prior_mu = nn.Parameter(torch.zeros(m, groups, k + 1))  # (M, G, K+1): [m_w, m_v]
         self.prior_logvar = nn.Parameter(torch.zeros(m, groups, k + 1))  # (M, G, K+1)
@@ -254,7 +262,8 @@ class VFM(nn.Module):
     def predict(
         self, ids: Tensor, values: Tensor, return_std: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Posterior-mean output (B,); with return_std also its exact predictive std (B,).
+        """Posterior-mean output (B,), clipped to `output_range`; with return_std also its exact
+        predictive std (B,) (of the unclipped output).
 
         The std is of the raw output under q (model uncertainty; no observation noise),
         exact for the sum's variance: pairs sharing a feature co-vary. Per factor k with
@@ -267,11 +276,11 @@ class VFM(nn.Module):
         self._check_fields(ids)
         mu, logvar = self._posterior(ids, True)
         if not return_std:
-            return self._mean_output(mu, values).mean(0)
+            return clip_output(self._mean_output(mu, values).mean(0), self.output_range)
         means, var = self._moments(mu, logvar, values)  # (M, B) each
         mean = means.mean(0)
         total = var.mean(0) + (means - mean).pow(2).mean(0)
-        return mean, total.sqrt()
+        return clip_output(mean, self.output_range), total.sqrt()
 
     def num_params(self) -> int:
         return count_params(self)

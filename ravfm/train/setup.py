@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -11,10 +12,11 @@ from ravfm.config import RunConfig
 from ravfm.distributed.embedding import table_factory
 from ravfm.distributed.world import World
 from ravfm.features.spec import FeatureSpec
-from ravfm.features.stats import load_frequencies
+from ravfm.features.stats import FREQ_NAME, load_frequencies
 from ravfm.model.registry import build_model
+from ravfm.storage import Store
 
-__all__ = ["build_for_training", "early_stopping_metric", "table_kind"]
+__all__ = ["build_for_training", "early_stopping_metric", "table_kind", "start_from_labels"]
 
 
 def table_kind(cfg: RunConfig, world: World) -> str:
@@ -29,7 +31,7 @@ def build_for_training(
     # RaFM's levels need the train frequencies; VFM's per-row KL weights use them when `stats`
     # wrote them (they shape only the training loss, never a prediction).
     need = cfg.model.name == "rafm" or (
-        cfg.model.name == "vfm" and (Path(spec_dir) / "frequencies.parquet").exists()
+        cfg.model.name == "vfm" and Store(str(spec_dir)).exists(FREQ_NAME)
     )
     freqs = load_frequencies(spec_dir, spec.num_rows) if need else None
     make_table = table_factory(
@@ -46,7 +48,26 @@ def build_for_training(
         make_table=make_table,
         unit_values=all(f.kind != "multi" for f in spec.fields),
     )
+    start_from_labels(model, spec.label_stats, cfg.task)
     return model.to(world.device), spec
+
+
+@torch.no_grad()
+def start_from_labels(model: nn.Module, labels: dict, task: str) -> None:
+    """The global bias starts at the train labels' mean (ratings) or its logit (clicks), so
+    the first steps need not walk it there; ratings are predicted within [min, max] of the
+    train targets (libFM's rule). A checkpoint, when loaded, overrides both."""
+    if not labels or not labels.get("n"):
+        return
+    mean = float(labels["mean"])
+    if task == "binary":
+        p = min(max(mean, 1e-4), 1 - 1e-4)
+        start = math.log(p / (1 - p))
+    else:
+        start = mean
+        model.output_range.copy_(torch.tensor([float(labels["min"]), float(labels["max"])]))
+    bias = model.bias_mu if hasattr(model, "bias_mu") else model.bias
+    bias.fill_(start)
 
 
 def early_stopping_metric(cfg: RunConfig) -> str:
