@@ -81,6 +81,7 @@ def _score(a: argparse.Namespace) -> int:
         address=a.address,
         batch_size=a.batch_size,
         num_actors=a.num_actors,
+        split=a.split,
     )
     return 0
 
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--input", required=True, help="Parquet file/dir/URL, or a raw file")
     sc.add_argument("--output", required=True)
     sc.add_argument("--keep", default="", help="comma-separated columns to copy to the output")
+    sc.add_argument("--split", default=None, help="score one split of a shard directory")
     sc.add_argument("--batch-size", type=int, default=65536)
     sc.add_argument(
         "--num-actors",

@@ -25,11 +25,13 @@ from ravfm.errors import UserError
 __all__ = ["score", "resolve_input"]
 
 
-def resolve_input(src: str, spec: Any, tmp_root: Path) -> tuple[list[str], bool]:
+def resolve_input(
+    src: str, spec: Any, tmp_root: Path, split: str | None = None
+) -> tuple[list[str], bool]:
     """Parquet paths to score, in order, and whether they were converted into `tmp_root`.
 
-    src: a shard directory with _index.json (all its shards, index order, each checked against
-    the index), a Parquet file, a directory of Parquet files (sorted by name), or a raw file of
+    src: a shard directory with _index.json (all its shards, or those of `split`, index order,
+    each checked against the index), a Parquet file, a directory of Parquet files (sorted by name), or a raw file of
     the checkpoint's dataset format, which is converted first (one split, input order kept)."""
     from ravfm.data.index import INDEX_NAME, read_index
     from ravfm.features.stream import split_groups
@@ -39,11 +41,16 @@ def resolve_input(src: str, spec: Any, tmp_root: Path) -> tuple[list[str], bool]
     here = Store(src)
     if here.isdir() and here.exists(INDEX_NAME):
         index = read_index(src)
-        for split in index["splits"]:
-            split_groups(src, index, split, spec)  # footers, row counts and columns
+        if split is not None and split not in index["splits"]:
+            raise UserError(f"--split {split}: {src} has the splits {', '.join(index['splits'])}")
+        for name in index["splits"] if split is None else [split]:
+            split_groups(src, index, name, spec)  # footers, row counts and columns
         from ravfm.data.index import shard_url
 
-        return [shard_url(src, s["path"]) for s in index["shards"]], False
+        chosen = [s for s in index["shards"] if split is None or s["split"] == split]
+        return [shard_url(src, s["path"]) for s in chosen], False
+    if split is not None:
+        raise UserError(f"--split needs shards with an _index.json; {src} is not such a directory")
     if here.isdir() and dataset != "movielens":
         files = sorted(f for f in here.walk_files() if f.endswith(".parquet"))
         if not files:
@@ -133,11 +140,12 @@ def score(
     batch_size: int = 65536,
     num_actors: int = 0,
     engine: str = "auto",
+    split: str | None = None,
 ) -> dict:
     """Score `input` with `checkpoint` into a published output under `output`; returns a summary
     {rows, seconds, rows_per_s, output, columns, engine, workers, parts, startup_seconds, ...}.
     engine: auto (Ray actors when an address or RAY_ADDRESS names a cluster, else this
-    process), local or ray."""
+    process), local or ray. split: score only this split of a shard directory."""
     from ravfm.connect import ray_address
     from ravfm.features.spec import FeatureSpec
     from ravfm.scored import discard, prepare_output, publish
@@ -155,7 +163,7 @@ def score(
     tmp_root = Path(tempfile.mkdtemp(prefix="ravfm-score-"))
     written: list[dict] = []
     try:
-        paths, _ = resolve_input(input, spec, tmp_root)
+        paths, _ = resolve_input(input, spec, tmp_root, split)
         if not paths:
             raise UserError(f"--input {input} holds no rows to score")
         _check_keep(keep, paths, input)

@@ -47,10 +47,23 @@ class Feed:
         eval_batch_size: int,
         shuffle_rows: int,
         seed: int,
+        holdout: int = 0,
     ) -> None:
+        """holdout: keep one train row in `holdout` (by a hash of its row number) out of
+        training, readable as the split "holdout" (0: none)."""
         self.groups, self.world, self.blocks = groups, world, blocks
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.shuffle_rows, self.seed = shuffle_rows, seed
+        self.shuffle_rows, self.seed, self.holdout = shuffle_rows, seed, holdout
+
+    def _held(self, block: Block) -> np.ndarray:
+        """(B,) True for the block's held-out rows."""
+        h = block["row"].astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        return (h >> np.uint64(40)) % np.uint64(self.holdout) == 0
+
+    def _split_blocks(self, blocks: Iterator[Block], held: bool) -> Iterator[Block]:
+        for block in blocks:
+            keep = self._held(block) == held
+            yield block if keep.all() else {k: v[keep] for k, v in block.items()}
 
     def rows(self, split: str) -> int:
         """Rows of `split` over all ranks (0 when the data has no such split)."""
@@ -64,8 +77,11 @@ class Feed:
         epoch), without the rows in `skip`."""
         w = self.world
         mine = rank_groups(self.groups["train"], w.rank, w.size, seed=self.seed, epoch=epoch)
+        blocks = self.blocks(mine)
+        if self.holdout:
+            blocks = self._split_blocks(blocks, held=False)
         for arrays in rebatch(
-            self.blocks(mine),
+            blocks,
             self.batch_size,
             shuffle_rows=self.shuffle_rows,
             seed=[self.seed, epoch, w.rank],
@@ -74,14 +90,18 @@ class Feed:
             yield from_numpy(arrays)
 
     def evaluate(self, split: str) -> Iterator[Batch] | None:
-        """This rank's share of `split` in file order, or None when the data has no such split."""
+        """This rank's share of `split` in file order, or None when the data has no such split
+        ("holdout": the train rows kept out of training, when a holdout is set)."""
+        if split == "holdout":
+            return self._eval("train", held=True) if self.holdout else None
         if not self.has(split):
             return None
         return self._eval(split)
 
-    def _eval(self, split: str) -> Iterator[Batch]:
+    def _eval(self, split: str, held: bool = False) -> Iterator[Batch]:
         mine = rank_groups(self.groups[split], self.world.rank, self.world.size)
-        for arrays in rebatch(self.blocks(mine), self.eval_batch_size):
+        blocks = self._split_blocks(self.blocks(mine), held=True) if held else self.blocks(mine)
+        for arrays in rebatch(blocks, self.eval_batch_size):
             yield from_numpy(arrays)
 
     def describe(self) -> dict[str, Any]:

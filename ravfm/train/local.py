@@ -16,7 +16,7 @@ from ravfm.distributed.world import World
 from ravfm.features.spec import FeatureSpec
 from ravfm.features.stream import RowGroup
 from ravfm.train.feed import Feed, local_blocks
-from ravfm.train.loop import Run, fit
+from ravfm.train.loop import Run, fit, noise_holdout
 from ravfm.train.step import evaluate_model
 from ravfm.train.telemetry import ProgressPrinter
 
@@ -51,6 +51,7 @@ def train_local(job: dict[str, Any], where: str) -> dict:
         job["groups"], world, local_blocks(spec, threads),
         batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
         shuffle_rows=cfg.train.shuffle_buffer, seed=cfg.seed,
+        holdout=noise_holdout(cfg, any(g.rows for g in job["groups"].get("valid", []))),
     )  # fmt: skip
     printer = ProgressPrinter()
     run = Run(

@@ -30,10 +30,10 @@ from ravfm.storage import Store
 from ravfm.train.checkpoint import latest_checkpoint, load_checkpoint, load_seen, save_checkpoint
 from ravfm.train.feed import Feed
 from ravfm.train.setup import build_for_training, early_stopping_metric
-from ravfm.train.step import Position, Trainer, merged
+from ravfm.train.step import Position, Trainer, estimate_noise, merged
 from ravfm.train.telemetry import Telemetry
 
-__all__ = ["Run", "fit", "improved", "checkpoint_name"]
+__all__ = ["Run", "fit", "improved", "checkpoint_name", "noise_holdout"]
 
 
 def improved(metric: str, new: float, best: float | None) -> bool:
@@ -44,6 +44,27 @@ def improved(metric: str, new: float, best: float | None) -> bool:
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:09d}"
+
+
+def noise_holdout(cfg: RunConfig, has_valid: bool) -> int:
+    """VFM on ratings estimates its noise variance on held-out rows (unless it learns it): the
+    valid split, or, when the data has none, one train row in this many kept out of training."""
+    vfm = cfg.model.name == "vfm" and cfg.task == "regression"
+    return 20 if vfm and not cfg.model.vfm.learn_noise and not has_valid else 0
+
+
+def _noise(run: Run, st: _State) -> dict | None:
+    """{"noise_var", "noise_from"} for VFM on ratings, else None."""
+    cfg = run.cfg
+    if cfg.model.name != "vfm" or cfg.task != "regression":
+        return None
+    if cfg.model.vfm.learn_noise:
+        var = float(st.model.noise_logvar.detach().exp().mean())
+        return {"noise_var": var, "noise_from": "learned"}
+    where = "valid" if run.feed.has("valid") else "holdout"
+    var = estimate_noise(st.model, run.feed.evaluate(where) or [], run.world, st.spec.num_fields)
+    held = "5% of train (held out)" if where == "holdout" else "valid"
+    return {"noise_var": var, "noise_from": held}
 
 
 @dataclass
@@ -89,6 +110,7 @@ class _State:
         self.skip: np.ndarray | None = None
         self.started_from: dict | None = None
         self.timings: dict[str, float] = {}  # seconds by phase, for the summary
+        self.noise: dict | None = None  # VFM on ratings: noise variance, saved in checkpoints
 
     def load(self, path: str, *, optimizers: bool = True) -> dict:
         return load_checkpoint(
@@ -146,6 +168,7 @@ def _checkpoint(run: Run, st: _State, mid_epoch: bool, protect: tuple[str, ...] 
         "n_train": run.n_train,
         "model": run.cfg.model.name,
         "history": st.history,
+        **(st.noise or {}),
     }
     return save_checkpoint(
         Store(run.run_dir).url_of("checkpoints"),
@@ -186,6 +209,7 @@ def _epoch(run: Run, st: _State, telemetry: Telemetry) -> bool:
     seconds = time.perf_counter() - t0
     batches = run.feed.evaluate("valid")
     valid = st.trainer.evaluate(batches) if batches is not None else {}
+    st.noise = _noise(run, st)
     valid_seconds = time.perf_counter() - t0 - seconds
     st.skip = None
     record = {
@@ -196,6 +220,7 @@ def _epoch(run: Run, st: _State, telemetry: Telemetry) -> bool:
         "valid_seconds": valid_seconds,
         "first_batch_seconds": st.trainer.first_batch_seconds or 0.0,
         "seen": _world_sum(world, pos.epoch_samples),
+        **(st.noise or {}),
     }
     st.history.setdefault("epochs", []).append(record)
     telemetry.epoch(pos, record)
@@ -228,7 +253,8 @@ def _restore_best(run: Run, st: _State) -> None:
     if h.get("best_epoch") is None or not epochs or epochs[-1]["epoch"] == h["best_epoch"]:
         return
     best = Store(run.run_dir).child("checkpoints").url_of(h["best_checkpoint"])
-    st.load(best)
+    meta = st.load(best)
+    st.noise = {k: meta[k] for k in ("noise_var", "noise_from") if k in meta} or st.noise
     h["restored_best"] = {"epoch": h["best_epoch"], "checkpoint": h["best_checkpoint"]}
     _checkpoint(run, st, mid_epoch=False, protect=_best(st))
 
@@ -272,6 +298,7 @@ def _fit(run: Run) -> dict:
         "restarts": st.history.get("restarts", []),
         "started_from": st.started_from,
         "num_rows": st.spec.num_rows,
+        **(st.noise or {}),
         "timings": {**run.extra_summary.pop("timings", {}), **st.timings},
         **run.extra_summary,
     }

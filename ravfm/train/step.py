@@ -25,7 +25,15 @@ from ravfm.distributed.world import World
 from ravfm.metrics import MetricState
 from ravfm.model.layers import dense_parameters
 
-__all__ = ["Position", "Trainer", "evaluate_model", "lockstep", "lr_factor", "merged"]
+__all__ = [
+    "Position",
+    "Trainer",
+    "evaluate_model",
+    "estimate_noise",
+    "lockstep",
+    "lr_factor",
+    "merged",
+]
 
 
 @dataclass
@@ -201,3 +209,24 @@ def merged(state: MetricState, world: World) -> MetricState:
     vec = state.to_tensor()
     world.all_reduce_(vec)
     return MetricState.from_tensor(vec, state.task)
+
+
+@torch.no_grad()
+def estimate_noise(
+    model: nn.Module, batches: Iterable[Batch], world: World, num_fields: int
+) -> float:
+    """VFM on ratings: the observation-noise variance of held-out rows, mean((y - mean)^2) minus
+    the mean posterior variance of the output (floored at 1e-6), merged across ranks, so that
+    posterior variance + noise variance matches the held-out squared error on average."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # sq error, variance, n
+    for batch in lockstep(batches, world, _empty_batch(num_fields)):
+        batch = batch.to(world.device, non_blocking=True)
+        mean, std = model.predict(batch.ids, batch.values, return_std=True)
+        err = (batch.label.to(mean) - mean).double()
+        sums += torch.stack([(err * err).sum(), (std.double() ** 2).sum(),
+                             torch.tensor(float(len(batch)), dtype=torch.float64,
+                                          device=sums.device)])  # fmt: skip
+    world.all_reduce_(sums)
+    sq, var, n = sums.tolist()
+    return max((sq - var) / max(n, 1.0), 1e-6)

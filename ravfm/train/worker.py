@@ -24,7 +24,7 @@ from ravfm.features.spec import FeatureSpec
 from ravfm.features.stream import Block, RowGroup, read_group
 from ravfm.storage import Store, dumps
 from ravfm.train.feed import Blocks, Feed
-from ravfm.train.loop import Run, fit
+from ravfm.train.loop import Run, fit, noise_holdout
 from ravfm.train.step import Position
 
 __all__ = ["train_fn", "ray_blocks", "quiet_data_context"]
@@ -81,6 +81,7 @@ def train_fn(config: dict) -> None:
         groups, world, ray_blocks(spec, config.get("ingest_cpus", 1.0)),  # (2) Ray Data reads and hashes this rank's rows
         batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.eval_batch_size,
         shuffle_rows=cfg.train.shuffle_buffer, seed=cfg.seed,
+        holdout=noise_holdout(cfg, any(g.rows for g in groups.get("valid", []))),
     )  # fmt: skip
     run_store = Store(config["run_dir"])
     invocation = config.get("invocation", "")
